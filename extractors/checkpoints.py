@@ -1,0 +1,195 @@
+"""Finding and loading published checkpoints safely and strictly.
+
+Loading never runs code from a file: `torch.load(weights_only=True)` with an
+allowlist of the types that published containers hold (numpy arrays and
+scalars, an argparse Namespace). A file that needs anything else is rejected
+unless the caller passes `trust=True`. State dicts load strictly: a missing
+or unexpected key, or a shape mismatch, is an error that names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from extractors.registry import WeightsSource
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, unsafe or does not fit its architecture."""
+
+
+class MissingWeightsError(CheckpointError, FileNotFoundError):
+    """A published weights file that is not on this machine."""
+
+
+def hub_checkpoint_dir() -> str:
+    """Return torch's hub cache directory for checkpoints (where torch.hub downloads go)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
+def find_weights(source: WeightsSource, weights_dir: str | None, *, representation: str = "") -> str:
+    """Return the path of `source.file_name` in `weights_dir` or torch's hub cache.
+
+    Raises:
+      MissingWeightsError: the file is in neither place; the message gives the
+        published URL and every directory searched.
+    """
+    if not source.file_name:
+        raise ValueError(f"weights source for {representation!r} names no file.")
+    searched = []
+    for directory in (weights_dir, hub_checkpoint_dir()):
+        if not directory:
+            continue
+        searched.append(directory)
+        path = os.path.join(directory, source.file_name)
+        if os.path.isfile(path):
+            return path
+    url = source.url or "(no stable URL published; see the representation's provenance notes)"
+    raise MissingWeightsError(
+        f"weights for {representation or source.file_name!r} not found: {source.file_name} is not in "
+        f"{searched}. Download it from {url} and put it in --weights_dir "
+        f"(or in {hub_checkpoint_dir()}).")
+
+
+def _numpy_safe_globals() -> list[Any]:
+    # The globals a pickled numpy array or scalar refers to, across numpy 1.x
+    # (numpy.core) and 2.x (numpy._core).
+    found: list[Any] = [np.ndarray, np.dtype]
+    for module_name in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            module = __import__(module_name, fromlist=["_reconstruct", "scalar"])
+        except ImportError:
+            continue
+        found.extend([module._reconstruct, module.scalar])
+        break
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        found.extend(
+            getattr(dtypes, name) for name in dir(dtypes)
+            if name.endswith("DType") and isinstance(getattr(dtypes, name), type))
+    return found
+
+
+DEFAULT_SAFE_GLOBALS: tuple[Any, ...] = (argparse.Namespace, *_numpy_safe_globals())
+
+
+def load_checkpoint(
+    path: str,
+    *,
+    trust: bool = False,
+    extra_safe_globals: Sequence[Any] = (),
+    latin1: bool = False,
+) -> Any:
+    """Load a torch checkpoint without running code from it.
+
+    Args:
+      path: the file.
+      trust: load with full unpickling; only for files the user trusts.
+      extra_safe_globals: types allowed in addition to DEFAULT_SAFE_GLOBALS.
+      latin1: decode Python 2 byte strings as latin-1 (files saved under Python 2).
+
+    Raises:
+      CheckpointError: unreadable file, or one that holds a type outside the
+        allowlist (the message names the type and the way to trust the file).
+    """
+    kwargs: dict[str, Any] = {"map_location": "cpu"}
+    if latin1:
+        kwargs["encoding"] = "latin1"
+    try:
+        if trust:
+            return torch.load(path, weights_only=False, **kwargs)
+        with torch.serialization.safe_globals([*DEFAULT_SAFE_GLOBALS, *extra_safe_globals]):
+            return torch.load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        blocked = found.group(1) if found else _first_line(e)
+        raise CheckpointError(
+            f"{path}: the checkpoint holds {blocked}, which is outside the safe allowlist. "
+            "It was not loaded because unpickling it could run code. If you trust this file, pass "
+            "--trust_checkpoints.") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(e)}).") from e
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Remove `prefix` from every key that starts with it (e.g. 'module.' from DataParallel)."""
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+
+
+def select_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """Keep the keys under `prefix`, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def as_tensor_state_dict(state_dict: Mapping[str, Any], *, source: str) -> dict[str, torch.Tensor]:
+    """Convert numpy values to tensors; reject values that are neither."""
+    converted = {}
+    for key, value in state_dict.items():
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{source}: key {key!r} holds a {type(value).__name__}, not a tensor.")
+        converted[key] = value
+    return converted
+
+
+def load_state_dict_strict(
+    module: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    source: str,
+    ignore: Iterable[str] = (),
+) -> None:
+    """Load `state_dict` into `module`, requiring every key and shape to match.
+
+    Args:
+      module: the architecture.
+      state_dict: the weights.
+      source: file or description named in errors.
+      ignore: checkpoint keys that are deliberately unused (e.g. a classifier
+        head the representation does not need); they must exist.
+
+    Raises:
+      CheckpointError: naming the missing, unexpected and mis-shaped keys.
+    """
+    ignore = set(ignore)
+    expected = module.state_dict()
+    given = {k: v for k, v in state_dict.items() if k not in ignore}
+    missing_ignored = sorted(ignore - set(state_dict))
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(given) if tuple(given[k].shape) != tuple(expected[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_abbreviate(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_abbreviate(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches {_abbreviate(mismatched)}")
+    if missing_ignored:
+        problems.append(f"keys expected in the file but absent {_abbreviate(missing_ignored)}")
+    if problems:
+        raise CheckpointError(
+            f"{source}: the weights do not match the architecture: {'; '.join(problems)}. "
+            "Check that the file is the published one for this representation.")
+    module.load_state_dict(dict(given), strict=True)
+
+
+def _abbreviate(items: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)} in total)"
