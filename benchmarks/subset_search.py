@@ -1,0 +1,147 @@
+r"""Recall@K of every subset of representations on a retrieval set: the main job.
+
+With no flags, builds (or reuses) the demo set, extracts every offline
+representation (cached) and searches all their subsets:
+
+  python -m benchmarks.subset_search
+
+On a feature store of your own (one sub-directory per representation with
+left.npy [N, D] and right.npy [G, D]):
+
+  python -m benchmarks.subset_search --features_dir=FEATURES --out_dir=OUT \
+      --modes=raw,standardized --ks=1,5,10
+
+On Totally-Looks-Like with the representations whose weights are present:
+
+  python -m benchmarks.subset_search --dataset=tll --data_dir=TLL \
+      --weights_dir=WEIGHTS --representations=paper
+
+Writes OUT/subsets.csv, OUT/summary.json, OUT/report.md and PNG figures.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+from engine import analysis, report, retrieval, similarity, store, subsets
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("features_dir", None,
+                    "Feature store to search. When unset, features are extracted (and cached) from "
+                    "--dataset first.")
+flags.DEFINE_string("out_dir", "out/subset_search", "Directory for subsets.csv, summary.json, report.md, figures.")
+flags.DEFINE_list("representations", None,
+                  "Representations to search, in run order (bit k of a mask is the k-th). With "
+                  "--features_dir: names in the store (default: all). Without: registry names or "
+                  "groups to extract (default: offline).")
+flags.DEFINE_list("modes", ["raw", "standardized"], "Modes: raw (sum of cosine similarities) and/or "
+                  "standardized (sum of similarities divided by their population standard deviation).")
+flags.DEFINE_list("ks", ["1", "5", "10"], "K values of recall@K.")
+flags.DEFINE_integer("max_subset_size", None, "Search only subsets with at most this many representations.")
+flags.DEFINE_list("subsets", None, "Search only these subsets: names joined by '+' (e.g. a+b) or integer "
+                  "bitmasks. Single representations are always included.")
+flags.DEFINE_float("memory_budget_gb", 4.0, "Bound on the search's working memory, in GB.")
+flags.DEFINE_integer("candidates_per_member", None,
+                     "Top items per representation kept per query for pruning (default max(128, 4 K_max)). "
+                     "Changes speed only, never results.")
+flags.DEFINE_integer("top", 20, "Number of leading subsets listed per mode.")
+flags.DEFINE_bool("figures", True, "Write PNG figures.")
+flags.DEFINE_enum("dataset", "demo", ["demo", "tll", "pairs"],
+                  "Dataset to extract features from when --features_dir is unset.")
+flags.DEFINE_string("data_dir", None, "Dataset location for --dataset=tll or pairs.")
+flags.DEFINE_string("weights_dir", None, "Directory searched first for published weight files.")
+flags.DEFINE_bool("list_representations", False,
+                  "List the registered representations and whether their weights are present, then exit.")
+
+
+class _InputError(Exception):
+    """Bad input reported to the user without a traceback."""
+
+
+def _parse_ks() -> list[int]:
+    try:
+        return [int(k) for k in FLAGS.ks]
+    except ValueError as e:
+        raise _InputError(f"--ks must be integers, got {FLAGS.ks}.") from e
+
+
+def _features_dir() -> str:
+    if FLAGS.features_dir:
+        return FLAGS.features_dir
+    from extractors import pipeline
+
+    selection = ",".join(FLAGS.representations) if FLAGS.representations else "offline"
+    logging.info("no --features_dir: preparing %s features for the %s dataset", selection, FLAGS.dataset)
+    return pipeline.prepare_features(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
+                                      representations=selection, weights_dir=FLAGS.weights_dir)
+
+
+def _load() -> store.FeatureSet:
+    features_dir = _features_dir()
+    names = FLAGS.representations if FLAGS.features_dir else None
+    if not FLAGS.features_dir:
+        from extractors import pipeline
+
+        names = pipeline.extracted_names(features_dir, ",".join(FLAGS.representations or ["offline"]))
+    return store.load_features(features_dir, names)
+
+
+def run() -> dict[str, str]:
+    ks = _parse_ks()
+    features = _load()
+    retrieval.validate_ks(ks, features.num_gallery)
+    masks = None
+    if FLAGS.subsets:
+        masks = [subsets.parse_subset(text, features.names) for text in FLAGS.subsets]
+    logging.info("searching %d representations (%s): N = %d queries, G = %d gallery items",
+                 len(features.names), ", ".join(features.names), features.num_queries, features.num_gallery)
+
+    start = time.perf_counter()
+    source = similarity.from_features(features)
+    result = retrieval.search(
+        source, ks=ks, modes=FLAGS.modes, masks=masks, max_subset_size=FLAGS.max_subset_size,
+        memory_budget_gb=FLAGS.memory_budget_gb, candidates_per_member=FLAGS.candidates_per_member)
+    result.timings["total_search"] = time.perf_counter() - start
+    analyses = analysis.analyse(result, top=FLAGS.top)
+
+    manifest = features.manifest or {}
+    notes = []
+    dataset = manifest.get("dataset", {})
+    if isinstance(dataset, dict) and dataset.get("synthetic_pairs"):
+        notes.append("NOTE: this dataset's pairs are synthetic (two views of the same photograph), "
+                     "not human similarity judgments.")
+    extra = {"features_dir": os.path.abspath(features.source), "dataset": dataset or None}
+    paths = report.write_outputs(result, analyses, FLAGS.out_dir, extra_summary=extra,
+                                 notes=notes, figures=FLAGS.figures)
+    for mode, mode_out in analyses["modes"].items():
+        best = mode_out["best"]
+        logging.info("%s: best subset %s recalls %d of %d at K = %d", mode, best["representations"],
+                     best[f"recall_at_{result.ks[0]}"], result.num_queries, result.ks[0])
+    logging.info("wrote %s", ", ".join(sorted(paths.values())))
+    return paths
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.list_representations:
+        from extractors import registry
+
+        print(registry.describe(FLAGS.weights_dir))
+        return
+    try:
+        run()
+    except (_InputError, store.FeatureStoreError, ValueError, KeyError, MemoryError, FileNotFoundError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        logging.error("%s", message)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
