@@ -62,7 +62,7 @@ def ablation(result: retrieval.SearchResult, mode: str, mask: int) -> list[dict[
 
     The drop is measured at the first K. When no subset of the same size
     lacks the member (the best subset is all M representations), the best
-    subset one smaller without it is used instead, and its size says so. A
+    subset one smaller without it is used instead, and its `size` field shows it. A
     member with neither (M = 1) gets None.
     """
     recall = result.modes[mode].recall
