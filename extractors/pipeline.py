@@ -30,7 +30,7 @@ from extractors import datasets, registry
 from extractors.datasets import DatasetError, ImageRef, PairDataset
 
 CHUNK_SIZE = 256
-# Where stores go when the caller names none: cache/features in the repository.
+# Parent directory of the stores written when the caller names none.
 FEATURES_CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cache", "features")
 MANIFEST_FORMAT = 1
 
@@ -62,7 +62,7 @@ def prepare_features(*, dataset: str | PairDataset = "demo", data_dir: str | Non
       device: torch device; None picks "cuda" when available, else "cpu".
 
     Returns:
-      The feature store directory that holds every requested representation.
+      The feature store directory, which contains every requested representation.
 
     Raises:
       KeyError: an unknown representation name (the message lists the valid ones).
