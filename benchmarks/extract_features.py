@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from extractors import datasets, pipeline, registry
+from extractors import checkpoints, datasets, pipeline, registry
 
 _DATASET = flags.DEFINE_enum("dataset", "demo", list(datasets.DATASETS), "Which dataset to read.")
 _DATA_DIR = flags.DEFINE_string(
@@ -40,13 +40,19 @@ def main(argv: list[str]) -> None:
         print(registry.describe(_WEIGHTS_DIR.value))
         return
     dataset: str | datasets.PairDataset = _DATASET.value
-    if _DATASET.value == "tll" and _DATA_DIR.value:
-        rows, width, split = (int(v) for v in _TLL_CROP.value)
-        dataset = datasets.tll(_DATA_DIR.value, rows=rows, width=width, split=split)
-    features_dir = pipeline.prepare_features(
-        dataset=dataset, data_dir=_DATA_DIR.value, representations=_REPRESENTATIONS.value,
-        features_dir=_FEATURES_DIR.value, weights_dir=_WEIGHTS_DIR.value, batch_size=_BATCH_SIZE.value,
-        num_workers=_NUM_WORKERS.value, device=_DEVICE.value)
+    try:
+        if _DATASET.value == "tll" and _DATA_DIR.value:
+            rows, width, split = (int(v) for v in _TLL_CROP.value)
+            dataset = datasets.tll(_DATA_DIR.value, rows=rows, width=width, split=split)
+        features_dir = pipeline.prepare_features(
+            dataset=dataset, data_dir=_DATA_DIR.value, representations=_REPRESENTATIONS.value,
+            features_dir=_FEATURES_DIR.value, weights_dir=_WEIGHTS_DIR.value, batch_size=_BATCH_SIZE.value,
+            num_workers=_NUM_WORKERS.value, device=_DEVICE.value)
+    except (KeyError, datasets.DatasetError, checkpoints.CheckpointError, pipeline.ExtractionError) as e:
+        # These errors carry the file and the fix; a traceback would only bury them.
+        # Representations and chunks finished before the error stay on disk.
+        logging.error("%s", e.args[0] if e.args else e)
+        raise SystemExit(1) from e
     logging.info("Feature store ready: %s", features_dir)
     print(features_dir)
 

@@ -18,6 +18,7 @@ import csv
 import dataclasses
 import hashlib
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -83,11 +84,7 @@ class PairDataset:
         """Return the sha256 of the layout config, the ids and every file's bytes, in order."""
         digest = hashlib.sha256()
         digest.update(repr((self.name, self.config, self.left_ids, self.right_ids)).encode())
-        seen: dict[str, str] = {}
-        for ref in (*self.left, *self.right):
-            if ref.path not in seen:
-                seen[ref.path] = _file_sha256(ref.path)
-            digest.update(f"{seen[ref.path]}:{ref.box}\n".encode())
+        digest.update(content_key((*self.left, *self.right)).encode())
         return digest.hexdigest()
 
     def identity(self) -> dict[str, Any]:
@@ -111,7 +108,27 @@ class PairDataset:
             config=self.config + (("subset_pairs", num_pairs),))
 
 
+def content_key(refs: Sequence[ImageRef]) -> str:
+    """Return the sha256 of the files' bytes and boxes of `refs`, in order."""
+    digest = hashlib.sha256()
+    for ref in refs:
+        digest.update(f"{_file_sha256(ref.path)}:{ref.box}\n".encode())
+    return digest.hexdigest()
+
+
+# Content hashes by (path, size, modification time), so that hashing a
+# dataset again in the same process reads no file twice.
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
 def _file_sha256(path: str) -> str:
+    try:
+        stat = os.stat(path)
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot be read ({e.strerror}). Check the path and its permissions.") from e
+    cache_key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if cache_key in _HASH_CACHE:
+        return _HASH_CACHE[cache_key]
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -119,7 +136,8 @@ def _file_sha256(path: str) -> str:
                 digest.update(block)
     except OSError as e:
         raise DatasetError(f"{path}: cannot be read ({e.strerror}). Check the path and its permissions.") from e
-    return digest.hexdigest()
+    _HASH_CACHE[cache_key] = digest.hexdigest()
+    return _HASH_CACHE[cache_key]
 
 
 def load_image(ref: ImageRef) -> Image.Image:

@@ -2,10 +2,12 @@
 
 `prepare_features` extracts every requested representation of a dataset
 into FEATURES_DIR/<name>/{left,right}.npy and records it in manifest.json.
-The images are the N left images followed by the G right images; they are
+The images are the N left images followed by the G right images. They are
 embedded in chunks, and each finished chunk is written atomically to
-FEATURES_DIR/<name>/.partial-<key>-c<chunk size>/ so an interrupted run resumes at the
-first missing chunk. Only when all chunks exist are left.npy and right.npy
+FEATURES_DIR/<name>/.partial-<config>-c<chunk size>/, named by its position
+and a hash of its images' bytes. A rerun computes only the chunks that are
+missing, so it resumes after an interruption, and after a damaged image is
+replaced it recomputes only that image's chunk. Only when all chunks exist are left.npy and right.npy
 written (atomically) and the representation listed in the manifest, so a
 store never lists a representation whose arrays are incomplete.
 """
@@ -120,7 +122,7 @@ def select_representations(selection: str | Sequence[str], weights_dir: str | No
                 continue
             chosen.append(entry)
     if not chosen:
-        raise ValueError(f"no representation of {selection!r} has its weights on this machine; "
+        raise ExtractionError(f"no representation of {selection!r} has its weights on this machine; "
                          f"see --list_representations (groups: {sorted(groups)}).")
     return chosen
 
@@ -132,21 +134,24 @@ def config_key(entry: registry.Representation, identity: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _normalise(value: Any) -> Any:
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
 def _open_manifest(features_dir: str, identity: dict[str, Any]) -> dict[str, Any]:
     manifest = store.read_manifest(features_dir) if os.path.isdir(features_dir) else None
     if manifest is None:
         return {"format": MANIFEST_FORMAT, "representations": [], "dataset": identity, "extractors": {}}
     recorded = manifest.get("dataset", {})
+    same_source = all(recorded.get(k) == identity[k] for k in ("name", "root", "config"))
+    if recorded.get("fingerprint") != identity["fingerprint"] and same_source:
+        # The same dataset with changed files (e.g. a damaged image replaced): every
+        # representation is extracted again, reusing unfinished chunks of unchanged images.
+        logging.warning("The images of %s changed since %s was written; extracting every representation again",
+                        identity["root"], features_dir)
+        return {"format": MANIFEST_FORMAT, "representations": [], "dataset": identity, "extractors": {}}
     if recorded.get("fingerprint") != identity["fingerprint"]:
         raise ExtractionError(
             f"{os.path.join(features_dir, store.MANIFEST_NAME)} belongs to dataset {recorded.get('name')!r} "
             f"with fingerprint {str(recorded.get('fingerprint'))[:12]}, not to {identity['name']!r} "
             f"({identity['fingerprint'][:12]}) at {identity['root']}. Pass another --features_dir "
-            "(or omit it to use a cache directory keyed by dataset).")
+            "(or omit it to use a cache directory keyed by dataset), or delete that directory.")
     manifest.setdefault("representations", [])
     manifest.setdefault("extractors", {})
     return manifest
@@ -192,15 +197,16 @@ def extract_representation(entry: registry.Representation, dataset: PairDataset,
                            chunk_size: int | None = None, dataset_fingerprint: str | None = None) -> dict[str, Any]:
     """Extract one representation into FEATURES_DIR/<name>/ and return its manifest record.
 
-    Finished chunks under FEATURES_DIR/<name>/.partial-<key>-c<chunk size>/ are reused, so a
-    rerun after an interruption computes only the missing ones.
+    Finished chunks of the same extractor config and the same image bytes
+    are reused, so a rerun computes only the missing ones.
     `dataset_fingerprint` saves hashing the images again when the caller has it.
     """
     chunk_size = chunk_size or CHUNK_SIZE
     key = config_key(entry, {"fingerprint": dataset_fingerprint or dataset.fingerprint()})
     directory = os.path.join(features_dir, entry.name)
     # The chunk size is part of the name: chunks of another size must not be mixed in.
-    partial = os.path.join(directory, f".partial-{key}-c{chunk_size}")
+    entry_key = hashlib.sha256(json.dumps(entry.fingerprint(), sort_keys=True, default=str).encode()).hexdigest()
+    partial = os.path.join(directory, f".partial-{entry_key[:16]}-c{chunk_size}")
     _remove_stale_partials(directory, keep=partial)
     os.makedirs(partial, exist_ok=True)
 
@@ -208,13 +214,14 @@ def extract_representation(entry: registry.Representation, dataset: PairDataset,
     extractor = entry.build(options)
     refs = (*dataset.left, *dataset.right)
     ids = (*dataset.left_ids, *dataset.right_ids)
-    starts = list(range(0, len(refs), chunk_size))
+    chunks = [(start, _chunk_path(partial, start, refs[start:start + chunk_size]))
+              for start in range(0, len(refs), chunk_size)]
     started = time.perf_counter()
-    computed = _extract_chunks(extractor, entry.name, refs, ids, starts, partial, chunk_size=chunk_size,
+    computed = _extract_chunks(extractor, entry.name, refs, ids, chunks, chunk_size=chunk_size,
                                batch_size=batch_size, num_workers=num_workers)
     seconds = time.perf_counter() - started
 
-    features = np.concatenate([np.load(_chunk_path(partial, s)) for s in starts], axis=0)
+    features = np.concatenate([np.load(path) for _, path in chunks], axis=0)
     store.write_array(os.path.join(directory, store.RIGHT_NAME), features[dataset.num_queries:])
     store.write_array(os.path.join(directory, store.LEFT_NAME), features[:dataset.num_queries])
     shutil.rmtree(partial, ignore_errors=True)
@@ -236,8 +243,8 @@ def extract_representation(entry: registry.Representation, dataset: PairDataset,
     }
 
 
-def _chunk_path(partial: str, start: int) -> str:
-    return os.path.join(partial, f"chunk-{start:09d}.npy")
+def _chunk_path(partial: str, start: int, refs: Sequence[ImageRef]) -> str:
+    return os.path.join(partial, f"chunk-{start:09d}-{datasets.content_key(refs)[:16]}.npy")
 
 
 def _remove_stale_partials(directory: str, keep: str) -> None:
@@ -251,30 +258,37 @@ def _remove_stale_partials(directory: str, keep: str) -> None:
 
 
 def _extract_chunks(extractor: Any, name: str, refs: Sequence[ImageRef], ids: Sequence[str],
-                    starts: Sequence[int], partial: str, *, chunk_size: int, batch_size: int,
+                    chunks: Sequence[tuple[int, str]], *, chunk_size: int, batch_size: int,
                     num_workers: int) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    todo = [s for s in starts if not os.path.isfile(_chunk_path(partial, s))]
-    done_images = sum(min(chunk_size, len(refs) - s) for s in starts if s not in todo)
+    todo = [(start, path) for start, path in chunks if not os.path.isfile(path)]
+    done_images = len(refs) - sum(min(chunk_size, len(refs) - start) for start, _ in todo)
     if done_images:
         logging.info("%s: resuming, %d of %d images already extracted", name, done_images, len(refs))
+    # One DataLoader for all missing chunks (workers start once), with batches
+    # that never cross a chunk boundary, so each chunk is written when its last batch arrives.
+    batches = [list(range(first, min(first + batch_size, start + chunk_size, len(refs))))
+               for start, _ in todo for first in range(start, min(start + chunk_size, len(refs)), batch_size)]
+    path_of = dict(todo)
+    loader = torch.utils.data.DataLoader(
+        _ImageDataset(refs, extractor.preprocess), batch_sampler=batches, num_workers=num_workers,
+        pin_memory=str(getattr(extractor, "device", "cpu")).startswith("cuda"))
     computed = 0
+    rows: list[np.ndarray] = []
     with tqdm(total=len(refs), initial=done_images, desc=name, unit="img", leave=False) as bar:
-        for start in todo:
-            chunk_refs = refs[start:start + chunk_size]
-            loader = torch.utils.data.DataLoader(
-                _ImageDataset(chunk_refs, extractor.preprocess), batch_size=batch_size, shuffle=False,
-                num_workers=num_workers, pin_memory=False)
-            rows = []
-            for batch in loader:
-                rows.append(np.asarray(extractor.embed(batch), dtype=np.float32))
-                bar.update(len(rows[-1]))
+        for indices, batch in zip(batches, loader):
+            rows.append(np.asarray(extractor.embed(batch), dtype=np.float32))
+            bar.update(len(indices))
+            start = indices[0] - (indices[0] % chunk_size)
+            if indices[-1] + 1 < min(start + chunk_size, len(refs)):
+                continue
             features = np.concatenate(rows, axis=0)
-            _check_rows(features, name, ids[start:start + chunk_size], chunk_refs)
-            store.write_array(_chunk_path(partial, start), features)
-            computed += len(chunk_refs)
+            rows = []
+            _check_rows(features, name, ids[start:start + chunk_size], refs[start:start + chunk_size])
+            store.write_array(path_of[start], features)
+            computed += len(features)
     return computed
 
 

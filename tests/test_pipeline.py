@@ -96,7 +96,9 @@ def test_resume_within_representation(small_demo, tmp_path, monkeypatch):
     assert not os.path.exists(os.path.join(out, "manifest.json"))
     partial = [n for n in os.listdir(directory) if n.startswith(".partial-")]
     assert len(partial) == 1
-    assert os.listdir(os.path.join(directory, partial[0])) == ["chunk-000000000.npy"]
+    chunks = os.listdir(os.path.join(directory, partial[0]))
+    assert len(chunks) == 1
+    assert chunks[0].startswith("chunk-000000000-")
 
     monkeypatch.setattr(classical.DescriptorExtractor, "embed", original_embed)
     pipeline.prepare_features(dataset=small_demo, representations="tiny_image", features_dir=out, batch_size=5)
@@ -117,6 +119,41 @@ def test_bad_image_keeps_finished_work(small_demo, tmp_path):
         pipeline.prepare_features(dataset=dataset, representations="color_hist", features_dir=str(tmp_path / "g"))
     features = store.load_features(out)
     assert features.names == ("color_hist",)
+
+
+def test_replaced_image_recomputes_its_chunk(small_demo, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "CHUNK_SIZE", 5)
+    out = str(tmp_path / "f")
+    bad = tmp_path / "last.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    last = small_demo.right[-1]
+    dataset = dataclasses.replace(small_demo, right=(*small_demo.right[:-1], datasets.ImageRef(str(bad))))
+    with pytest.raises(datasets.DatasetError, match="last.jpg"):
+        pipeline.prepare_features(dataset=dataset, representations="tiny_image", features_dir=out, batch_size=5)
+
+    with open(last.path, "rb") as f:
+        bad.write_bytes(f.read())  # the user replaces the damaged file
+    pipeline.prepare_features(dataset=dataset, representations="tiny_image", features_dir=out, batch_size=5)
+    # 21 images in chunks of 5: the first four chunks were kept, only the image 20 chunk is new.
+    assert _manifest(out)["extractors"]["tiny_image"]["images_computed"] == 1
+    features = store.load_features(out)
+    np.testing.assert_array_equal(np.concatenate([features.left[0], features.right[0]]),
+                                  _extract_directly("tiny_image", small_demo))
+
+
+def test_changed_dataset_in_same_place_is_extracted_again(small_demo, tmp_path):
+    out = str(tmp_path / "f")
+    image = tmp_path / "changing.jpg"
+    with open(small_demo.right[-1].path, "rb") as f:
+        image.write_bytes(f.read())
+    dataset = dataclasses.replace(small_demo, right=(*small_demo.right[:-1], datasets.ImageRef(str(image))))
+    pipeline.prepare_features(dataset=dataset, representations="tiny_image", features_dir=out)
+    with open(small_demo.right[0].path, "rb") as f:
+        image.write_bytes(f.read())
+    pipeline.prepare_features(dataset=dataset, representations="tiny_image", features_dir=out)
+    assert _manifest(out)["dataset"]["fingerprint"] == dataset.fingerprint()
+    right = store.load_features(out).right[0]
+    np.testing.assert_array_equal(right[-1], right[0])
 
 
 def test_bad_image_in_worker_names_file(small_demo, tmp_path):
