@@ -234,7 +234,8 @@ def timm_representation(model_name: str) -> Representation:
                        "See timm.list_models() for all.")
     config = timm.models.get_pretrained_cfg(model_name)
     hub_id = config.hf_hub_id if config is not None else None
-    model = timm.create_model(model_name, pretrained=False)
+    with torch.device("meta"):  # Only the feature size and pooling are read: allocate no weights.
+        model = timm.create_model(model_name, pretrained=False)
     return Representation(
         name=f"timm:{model_name}",
         description=f"timm {model_name}, pooled pre-logit features",

@@ -44,6 +44,24 @@ def test_store_contents(small_demo, tmp_path):
     assert not any(n.startswith(".partial") for n in os.listdir(os.path.join(out, "tiny_image")))
 
 
+def test_workers_give_same_features(small_demo, tmp_path):
+    out = pipeline.prepare_features(dataset=small_demo, representations="hog", features_dir=str(tmp_path),
+                                    num_workers=2, batch_size=4)
+    features = store.load_features(out)
+    np.testing.assert_array_equal(np.concatenate([features.left[0], features.right[0]]),
+                                  _extract_directly("hog", small_demo))
+
+
+def test_cli_lists_representations():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "benchmarks.extract_features", "--list_representations"],
+                            capture_output=True, text=True, check=True, timeout=120)
+    for name in registry.names("offline"):
+        assert name in result.stdout
+
+
 def test_rerun_reuses_store(small_demo, tmp_path, monkeypatch):
     out = pipeline.prepare_features(dataset=small_demo, representations=CHEAP, features_dir=str(tmp_path / "f"))
 
