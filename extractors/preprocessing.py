@@ -1,0 +1,109 @@
+"""Turning a PIL image into a network input tensor, as an `InputSpec` describes.
+
+The steps run in a fixed order: resize, centre crop, pad the right and bottom
+edges, convert to a [C, H, W] float tensor on the [0, value_range] scale,
+reorder channels, normalise with mean and std.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from extractors.registry import InputSpec
+
+_INTERPOLATIONS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+_RESIZE_SIDES = ("shorter", "longer", "height")
+
+
+def input_transform(spec: InputSpec) -> Callable[[Image.Image], torch.Tensor]:
+    """Return a function from an RGB PIL image to the float32 input [C, H, W] that `spec` describes.
+
+    Raises:
+      ValueError: `spec` names an unknown interpolation, resize side or channel order.
+    """
+    if spec.interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {spec.interpolation!r}; valid: {sorted(_INTERPOLATIONS)}.")
+    if spec.resize_side not in _RESIZE_SIDES:
+        raise ValueError(f"unknown resize_side {spec.resize_side!r}; valid: {list(_RESIZE_SIDES)}.")
+    if spec.channel_order not in ("RGB", "BGR"):
+        raise ValueError(f"unknown channel_order {spec.channel_order!r}; valid: ['RGB', 'BGR'].")
+
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1) if spec.mean is not None else None
+    std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1) if spec.std is not None else None
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        image = resize_image(image, spec)
+        if spec.crop is not None:
+            image = center_crop(image, spec.crop)
+        if spec.pad_multiple:
+            image = pad_to_multiple(image, spec.pad_multiple, round(spec.pad_value * 255.0 / spec.value_range))
+
+        array = np.asarray(image, dtype=np.float32) * (spec.value_range / 255.0)
+        tensor = torch.from_numpy(array.transpose(2, 0, 1).copy())
+        if spec.channel_order == "BGR":
+            tensor = tensor.flip(0)
+        if mean is not None:
+            tensor = tensor - mean
+        if std is not None:
+            tensor = tensor / std
+        return tensor
+
+    return transform
+
+
+def resize_image(image: Image.Image, spec: InputSpec) -> Image.Image:
+    """Resize as `spec.resize` and `spec.resize_side` say; rounding follows torchvision (int of the product)."""
+    if spec.resize is None:
+        return image
+    width, height = image.size
+    resample = _INTERPOLATIONS[spec.interpolation]
+    if isinstance(spec.resize, tuple):
+        new_height, new_width = spec.resize
+        return image.resize((new_width, new_height), resample)
+
+    reference = {"shorter": min(width, height), "longer": max(width, height), "height": height}[spec.resize_side]
+    if reference == spec.resize or (not spec.upscale and reference < spec.resize):
+        return image
+    scale = spec.resize / reference
+    if spec.resize_side == "shorter" and width <= height:
+        new_width, new_height = spec.resize, int(spec.resize * height / width)
+    elif spec.resize_side == "shorter":
+        new_width, new_height = int(spec.resize * width / height), spec.resize
+    else:
+        new_width, new_height = max(1, round(width * scale)), max(1, round(height * scale))
+        if spec.resize_side == "longer" and width >= height:
+            new_width = spec.resize
+        elif spec.resize_side in ("longer", "height"):
+            new_height = spec.resize
+    return image.resize((new_width, new_height), resample)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Crop the central size × size square; offsets round as torchvision's CenterCrop does."""
+    width, height = image.size
+    if width < size or height < size:
+        raise ValueError(f"image of {width}×{height} pixels is smaller than the {size}-pixel centre crop.")
+    left = int(round((width - size) / 2.0))
+    top = int(round((height - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def pad_to_multiple(image: Image.Image, multiple: int, fill: int) -> Image.Image:
+    """Pad the right and bottom edges with `fill` (0–255) up to the next multiple of `multiple`."""
+    width, height = image.size
+    new_width = -(-width // multiple) * multiple
+    new_height = -(-height // multiple) * multiple
+    if (new_width, new_height) == (width, height):
+        return image
+    padded = Image.new("RGB", (new_width, new_height), (fill, fill, fill))
+    padded.paste(image, (0, 0))
+    return padded
