@@ -79,7 +79,7 @@ def read_dagnn(path: str) -> DagNetwork:
     """Read a DagNN saved by `saveobj` from a MATLAB v5/v7 .mat file.
 
     Raises:
-      CheckpointError: the file is unreadable, MATLAB v7.3 (HDF5), or holds no DagNN struct.
+      CheckpointError: the file is unreadable, MATLAB v7.3 (HDF5), or contains no DagNN struct.
     """
     try:
         contents = scipy.io.loadmat(path, squeeze_me=False, struct_as_record=False, mat_dtype=False)
@@ -92,25 +92,23 @@ def read_dagnn(path: str) -> DagNetwork:
 
     if "net" in contents:
         net = _scalar(contents["net"])
-        fields = set(getattr(net, "_fieldnames", ()))
-        getter = lambda name: getattr(net, name)  # noqa: E731
+        fields = {name: getattr(net, name) for name in getattr(net, "_fieldnames", ())}
     else:
-        fields = set(contents)
-        getter = contents.__getitem__
-    if not {"layers", "params"} <= fields:
+        fields = contents
+    if "layers" not in fields or "params" not in fields:
         raise CheckpointError(
             f"{path}: no MatConvNet DagNN found (expected a struct `net` with fields `layers` and `params`, "
             f"found {sorted(k for k in contents if not k.startswith('__'))}).")
 
     params: dict[str, np.ndarray] = {}
-    for record in np.ravel(getter("params")):
+    for record in np.ravel(fields["params"]):
         name = _string(record.name)
         if name in params:
             raise CheckpointError(f"{path}: parameter {name!r} appears twice.")
         params[name] = np.asarray(record.value)
 
     layers = []
-    for record in np.ravel(getter("layers")):
+    for record in np.ravel(fields["layers"]):
         block = _scalar(record.block) if np.size(record.block) else None
         layers.append(DagLayer(
             name=_string(record.name),

@@ -1,19 +1,20 @@
 """The eleven representations of Rosenfeld, Zemel and Tsotsos (arXiv:1903.10920).
 
-Every entry is in the group "paper" and loads its published checkpoint:
-conv (DenseNet-121, ImageNet), ret and ret_w (ResNet-101 GeM fine-tuned on
-retrieval-SfM-120k, without and with its learned whitening), shp (EdgeMAC),
-weaka (weakalign's ResNet-101), pl18 and pl50 (Places365), pose (the OpenPose
-trunk), texture, texture_SI and texture_SII (Stylized-ImageNet ResNet-50s).
+Every entry is in the group "paper" and loads its published checkpoint. The
+entries are conv (DenseNet-121, ImageNet), ret and ret_w (ResNet-101 GeM
+fine-tuned on retrieval-SfM-120k, without and with its learned whitening),
+shp (EdgeMAC), weaka (weakalign's ResNet-101), pl18 and pl50 (Places365),
+pose (the OpenPose trunk), and texture, texture_SI and texture_SII
+(Stylized-ImageNet ResNet-50s).
 Settings the paper leaves open have variants in the group "paper_variants"
 (multi-scale ret and ret_w, conv pooled after the final ReLU, weaka without
 per-position normalisation, multi-scale mirrored shp).
 
 Weights are looked up under their published file names in --weights_dir and
-then in torch's hub cache. Loading never runs code from a file and is strict:
-keys a representation does not use (classifier heads, the pose stages, the
-alignment regressors) are listed exactly and must be present; every other key
-must match the architecture.
+then in torch's hub cache. Loading never runs code from a file, and it is
+strict. Keys a representation does not use (classifier heads, the pose
+stages, the alignment regressors) are listed exactly and must be present.
+Every other key must match the architecture.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from extractors.checkpoints import (
     BATCHNORM_COUNTER,
     CheckpointError,
     MissingWeightsError,
+    as_tensor_state_dict,
     find_or_download_weights,
     find_weights,
     load_checkpoint,
@@ -102,6 +104,8 @@ class PaperExtractor:
         batch, and rows come back in input order.
         """
         items = list(batch) if not isinstance(batch, torch.Tensor) else None
+        if items == []:
+            return np.zeros((0, self.representation.output_dim), dtype=np.float32)
         with torch.inference_mode():
             if items is None:
                 features = self._forward(batch.to(self._device))
@@ -112,22 +116,30 @@ class PaperExtractor:
         return features.float().cpu().numpy()
 
     def _embed_items(self, items: list[Item]) -> torch.Tensor:
-        views = [view for item in items for view in (item if isinstance(item, tuple) else (item,))]
-        owners = [i for i, item in enumerate(items) for _ in (item if isinstance(item, tuple) else (item,))]
+        # Flatten every item into its views, remembering the item each view belongs to.
+        views: list[torch.Tensor] = []
+        owners: list[int] = []
+        for index, item in enumerate(items):
+            item_views = item if isinstance(item, tuple) else (item,)
+            views.extend(item_views)
+            owners.extend([index] * len(item_views))
 
-        groups: dict[tuple[int, ...], list[int]] = {}
+        by_shape: dict[tuple[int, ...], list[int]] = {}
         for index, view in enumerate(views):
-            groups.setdefault(tuple(view.shape), []).append(index)
-        descriptors: list[torch.Tensor | None] = [None] * len(views)
-        for indices in groups.values():
+            by_shape.setdefault(tuple(view.shape), []).append(index)
+        descriptors: list[torch.Tensor] = [torch.empty(0)] * len(views)
+        for indices in by_shape.values():
             stacked = torch.stack([views[i] for i in indices]).to(self._device)
             for i, row in zip(indices, self._forward(stacked)):
                 descriptors[i] = row
 
         rows = []
-        for i, item in enumerate(items):
-            mine = torch.stack([d for d, owner in zip(descriptors, owners) if owner == i])
-            rows.append(self._aggregate(mine) if isinstance(item, tuple) and self._aggregate else mine[0])
+        for index, item in enumerate(items):
+            own = torch.stack([d for d, owner in zip(descriptors, owners) if owner == index])
+            if isinstance(item, tuple) and self._aggregate is not None:
+                rows.append(self._aggregate(own))
+            else:
+                rows.append(own[0])
         return torch.stack(rows)
 
 
@@ -157,19 +169,16 @@ def _check_arch(container: Mapping[str, Any], expected: str, path: str) -> None:
 
 
 def _float32(state_dict: Mapping[str, Any], path: str) -> dict[str, torch.Tensor]:
-    converted = {}
-    for key, value in state_dict.items():
-        if isinstance(value, np.ndarray):
-            value = torch.from_numpy(np.ascontiguousarray(value))
-        if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{path}: key {key!r} holds a {type(value).__name__}, not a tensor.")
-        converted[key] = value.float() if value.is_floating_point() else value
-    return converted
+    tensors = as_tensor_state_dict(state_dict, source=path)
+    return {key: value.float() if value.is_floating_point() else value for key, value in tensors.items()}
 
 
 def _load_into(module: nn.Module, state_dict: Mapping[str, Any], path: str, *, ignore: Sequence[str] = ()) -> None:
     load_state_dict_strict(module, _float32(state_dict, path), source=path, ignore=ignore,
                            optional_suffixes=(BATCHNORM_COUNTER,), assign=True)
+    unloaded = [name for name, tensor in [*module.named_parameters(), *module.named_buffers()] if tensor.is_meta]
+    if unloaded:
+        raise CheckpointError(f"{path}: no weights were loaded for {unloaded}.")
 
 
 def _on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
@@ -468,7 +477,7 @@ def edge_detector(options: BuildOptions) -> tuple[str, EdgeDetector]:
     The detector maps an RGB float32 image [H, W, 3] in [0, 1] to edges
     [H, W] in [0, 1]. "structured_forest" is OpenCV contrib's
     implementation of Dollár and Zitnick's detector, which EdgeMAC was
-    trained with; it needs `cv2.ximgproc` and the model file `model.yml.gz`
+    trained with. It needs `cv2.ximgproc` and the model file `model.yml.gz`
     in --weights_dir or torch's hub cache. Otherwise the substitute
     "sobel_max_rgb" is the Sobel gradient magnitude of each colour channel
     (scikit-image), the maximum over channels, clipped to [0, 1].

@@ -61,7 +61,16 @@ def input_transform(spec: InputSpec) -> Callable[[Image.Image], torch.Tensor]:
 
 
 def resize_image(image: Image.Image, spec: InputSpec) -> Image.Image:
-    """Resize as `spec.resize` and `spec.resize_side` say; rounding follows torchvision (int of the product)."""
+    """Resize `image` to the size that `spec.resize` and `spec.resize_side` set.
+
+    The other side's length is truncated for "shorter" (as torchvision's
+    Resize) and "longer", and rounded for "height" (as OpenCV's resize with
+    a scale factor, which OpenPose's demo used).
+
+    NOTE: "longer" stands for PIL's `thumbnail`, which cnnimageretrieval-pytorch
+    uses; truncation there is recalled from Pillow releases of 2018 and not
+    checked, so the shorter side may differ by one pixel from a given Pillow.
+    """
     if spec.resize is None:
         return image
     width, height = image.size
@@ -78,12 +87,12 @@ def resize_image(image: Image.Image, spec: InputSpec) -> Image.Image:
         new_width, new_height = spec.resize, int(spec.resize * height / width)
     elif spec.resize_side == "shorter":
         new_width, new_height = int(spec.resize * width / height), spec.resize
+    elif spec.resize_side == "longer" and width >= height:
+        new_width, new_height = spec.resize, max(1, int(height * scale))
+    elif spec.resize_side == "longer":
+        new_width, new_height = max(1, int(width * scale)), spec.resize
     else:
-        new_width, new_height = max(1, round(width * scale)), max(1, round(height * scale))
-        if spec.resize_side == "longer" and width >= height:
-            new_width = spec.resize
-        elif spec.resize_side in ("longer", "height"):
-            new_height = spec.resize
+        new_width, new_height = max(1, round(width * scale)), spec.resize
     return image.resize((new_width, new_height), resample)
 
 

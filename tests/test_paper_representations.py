@@ -1,9 +1,9 @@
-"""Loaders of the paper's eleven representations, on synthetic files in the published layouts.
+"""Loaders of the eleven representations of Rosenfeld et al. (arXiv:1903.10920), on synthetic published layouts.
 
 Each synthetic file has the published container, key names and shapes, with
 seeded random values. Expected features come from hand-written formulas in
 this file (GeM, whitening, pooling), not from the code under test. Inputs
-are small (64-pixel images, input specs shrunk with dataclasses.replace) to
+are small (32-pixel images, input specs shrunk with dataclasses.replace) to
 keep the suite fast on two CPU cores.
 """
 
@@ -143,6 +143,30 @@ def test_entry_is_complete(name):
 
 
 # ---------------------------------------------------------------------------
+# Preprocessing.
+
+
+def test_imagenet_transform_matches_torchvision():
+    from torchvision import transforms
+
+    image = _images(sizes=((300, 200),))[0]
+    reference = transforms.Compose([
+        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+        transforms.Normalize(registry.IMAGENET_MEAN, registry.IMAGENET_STD)])
+    ours = paper.input_transform(registry.get("texture").input_spec)(image)
+    assert ours.shape == (3, 224, 224)
+    torch.testing.assert_close(ours, reference(image), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("size,expected", [((1200, 600), (512, 1024)), ((300, 200), (200, 300)),
+                                           ((700, 1400), (1024, 512))])
+def test_retrieval_transform_only_shrinks(size, expected):
+    image = Image.new("RGB", size, (10, 20, 30))
+    x = paper.input_transform(registry.get("ret").input_spec)(image)
+    assert tuple(x.shape[1:]) == expected
+
+
+# ---------------------------------------------------------------------------
 # conv: torchvision DenseNet-121 with its legacy "norm.1" key names.
 
 
@@ -160,8 +184,7 @@ def conv_dir(tmp_path_factory):
 
 
 def test_conv_loads_legacy_keys(conv_dir):
-    extractor = _build("conv", conv_dir, **SMALL_IMAGENET)
-    features = _embed(extractor, _images())
+    features = _embed(_build("conv", conv_dir, **SMALL_IMAGENET), _images())
     assert features.shape == (2, 1024)
     assert features.dtype == np.float32
     # Pooled before the final ReLU, so the batch-normalised features take negative values.
@@ -172,6 +195,21 @@ def test_conv_relu_variant_is_nonnegative(conv_dir):
     features = _embed(_build("conv_relu", conv_dir, **SMALL_IMAGENET), _images())
     assert features.shape == (2, 1024)
     assert (features >= 0).all()
+
+
+def test_conv_downloads_into_hub_cache(conv_dir, tmp_path, monkeypatch):
+    fetched = []
+
+    def fake_download(url, destination, *, hash_prefix):
+        fetched.append((url, hash_prefix))
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        os.symlink(conv_dir / "densenet121-a639ec97.pth", destination)
+
+    monkeypatch.setattr(checkpoints, "_download", fake_download)
+    extractor = _build("conv", tmp_path, **SMALL_IMAGENET)
+    assert fetched == [("https://download.pytorch.org/models/densenet121-a639ec97.pth", "a639ec97")]
+    assert os.path.exists(os.path.join(checkpoints.hub_checkpoint_dir(), "densenet121-a639ec97.pth"))
+    assert extractor.representation.name == "conv"
 
 
 def test_conv_download_failure_names_file(tmp_path, monkeypatch):
