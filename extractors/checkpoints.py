@@ -80,7 +80,7 @@ def find_or_download_weights(source: WeightsSource, weights_dir: str | None, *, 
         destination = os.path.join(hub_checkpoint_dir(), source.file_name)
         try:
             _download(source.url, destination, hash_prefix=_hash_prefix(source.file_name))
-        except Exception as e:  # urllib, ssl and socket errors all mean "not available"
+        except (OSError, RuntimeError, ValueError) as e:  # network errors are OSErrors; a bad hash is a RuntimeError
             raise MissingWeightsError(
                 f"{missing} Downloading it failed ({type(e).__name__}: {_first_line(e)}).") from e
         return destination

@@ -258,8 +258,10 @@ def _build_retrieval(representation: Representation, options: BuildOptions) -> P
     whitening = _config(representation, "whitening")
     postprocess = None
     if whitening:
-        m, projection = _whitening(meta, whitening, path)
-        postprocess = lambda x: whiten(x, m.to(x.device), projection.to(x.device))  # noqa: E731
+        m, projection = _whitening(meta, whitening, path, dim=representation.output_dim)
+
+        def postprocess(x: torch.Tensor) -> torch.Tensor:
+            return whiten(x, m.to(x.device), projection.to(x.device))
 
     base = input_transform(representation.input_spec)
 
@@ -293,7 +295,7 @@ def _check_normalisation(meta: Mapping[str, Any], spec: InputSpec, path: str) ->
                 f"{path}: meta[{key!r}] is {list(meta[key])}, but this representation normalises with {list(expected)}.")
 
 
-def _whitening(meta: Mapping[str, Any], mode: str, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _whitening(meta: Mapping[str, Any], mode: str, path: str, *, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         learned = meta["Lw"][RETRIEVAL_DATASET][mode]
         m, projection = np.asarray(learned["m"], dtype=np.float32), np.asarray(learned["P"], dtype=np.float32)
@@ -301,9 +303,10 @@ def _whitening(meta: Mapping[str, Any], mode: str, path: str) -> tuple[torch.Ten
         raise CheckpointError(
             f"{path}: no learned whitening meta['Lw'][{RETRIEVAL_DATASET!r}][{mode!r}] with keys 'm' and 'P' "
             f"({type(e).__name__}: {e}). The ret_w entries need the published file, which includes it.") from e
-    if m.size != projection.shape[-1] or projection.ndim != 2:
+    if projection.ndim != 2 or m.size != dim or projection.shape != (dim, dim):
         raise CheckpointError(
-            f"{path}: whitening shapes do not fit: m {m.shape}, P {projection.shape}; expected m [D, 1] and P [D', D].")
+            f"{path}: whitening shapes do not fit: m {m.shape}, P {projection.shape}; expected m [{dim}, 1] and "
+            f"P [{dim}, {dim}].")
     return torch.from_numpy(m.reshape(-1)), torch.from_numpy(projection)
 
 
@@ -355,8 +358,10 @@ def _build_classification_resnet(representation: Representation, options: BuildO
     path, container = _load_container(representation, options)
     _check_arch(container, arch, path)
     state = _field(container, "state_dict", path)
-    if not all(k.startswith("module.") for k in state):
-        raise CheckpointError(f"{path}: expected every key to start with 'module.' (a DataParallel state dict).")
+    unprefixed = [k for k in state if not k.startswith("module.")]
+    if unprefixed:
+        raise CheckpointError(f"{path}: expected every key to start with 'module.' (a DataParallel state dict), "
+                              f"found {unprefixed[:3]}; check that the file is the published one.")
 
     network = _on_meta(lambda: paper_models.classification_resnet(arch, num_classes))
     classifier_shape = tuple(network.fc.weight.shape)

@@ -635,6 +635,9 @@ def test_pickled_object_outside_allowlist_rejected(tmp_path):
     with pytest.raises(CheckpointError, match=r"_Payload.*--trust_checkpoints"):
         _build("pl18", tmp_path)
 
+    trusted = registry.get("pl18").build(BuildOptions(weights_dir=str(tmp_path), trust_checkpoints=True))
+    assert trusted.representation.name == "pl18"
+
 
 def test_missing_file_names_url_and_directories(tmp_path):
     with pytest.raises(MissingWeightsError) as raised:
