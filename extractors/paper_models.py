@@ -1,4 +1,4 @@
-"""Architectures of the published networks behind the paper's representations.
+"""Architectures of the published networks behind the representations of Rosenfeld et al. (arXiv:1903.10920).
 
 Each builder returns a module whose `state_dict()` keys are the published
 file's keys (after removing a container prefix such as "module."), so that
@@ -58,7 +58,7 @@ class RetrievalNet(nn.Module):
 
 
 def resnet_trunk(arch: str, last_layer: str) -> nn.Sequential:
-    """ResNet children conv1, bn1, relu, maxpool, layer1, ... up to `last_layer`, as one Sequential.
+    """Build the ResNet children conv1, bn1, relu, maxpool, layer1, ... up to `last_layer` as one Sequential.
 
     weakalign's FeatureExtraction.model has this layout, so its keys are
     `0.*` (conv1), `1.*` (bn1), `4.*` (layer1) and so on.
@@ -71,15 +71,8 @@ def resnet_trunk(arch: str, last_layer: str) -> nn.Sequential:
 
 
 def classification_resnet(arch: str, num_classes: int) -> nn.Module:
-    """A torchvision ResNet with `num_classes` outputs (the file's classifier shape)."""
+    """Build a torchvision ResNet with `num_classes` outputs, the classifier shape of the file."""
     return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
-
-
-def resnet_pooled_features(model: torchvision.models.ResNet, x: torch.Tensor) -> torch.Tensor:
-    """The average-pool output of a torchvision ResNet (the input of `fc`), [B, C]."""
-    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-    x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
-    return torch.flatten(model.avgpool(x), 1)
 
 
 # The OpenPose trunk (model0): VGG-19 conv1_1..conv4_2 then conv4_3_CPM and
@@ -92,7 +85,7 @@ OPENPOSE_STAGE_CONVS = {1: 5, 2: 7, 3: 7, 4: 7, 5: 7, 6: 7}
 
 
 def openpose_trunk() -> nn.Sequential:
-    """The OpenPose VGG-19 trunk with keys `0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25` (.weight, .bias)."""
+    """Build the OpenPose VGG-19 trunk, whose convolutions have keys 0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25."""
     layers: list[nn.Module] = []
     channels = 3
     for item in OPENPOSE_TRUNK:
@@ -105,7 +98,7 @@ def openpose_trunk() -> nn.Sequential:
 
 
 def openpose_stage_keys() -> list[str]:
-    """The state-dict keys of the six two-branch stages (model{1..6}_{1,2}), which the trunk feature does not use."""
+    """Return the state-dict keys of the six two-branch stages (model{1..6}_{1,2}), which the trunk feature does not use."""
     keys = []
     for stage, convs in OPENPOSE_STAGE_CONVS.items():
         for branch in (1, 2):
@@ -163,7 +156,7 @@ class EdgeMAC(nn.Module):
 
     @staticmethod
     def conv_key_names() -> list[tuple[str, str]]:
-        """(weight key, bias key) of each convolution, in order."""
+        """Return the (weight key, bias key) of each convolution, in order."""
         names, index = [], 0
         for item in VGG16_CONVS:
             if item != "M":
