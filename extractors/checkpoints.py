@@ -13,6 +13,7 @@ import argparse
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -80,6 +81,43 @@ def package_file_path(package_file: str) -> str | None:
     return None
 
 
+def find_or_download_weights(source: WeightsSource, weights_dir: str | None, *, representation: str = "") -> str:
+    """Return the path of `source.file_name`, downloading it into torch's hub cache if absent.
+
+    This is how torchvision fetches its own weights: the file goes to
+    `hub_checkpoint_dir()` and its name's hash suffix (e.g. "a639ec97" in
+    "densenet121-a639ec97.pth") is checked against the SHA-256 of the download.
+
+    Raises:
+      MissingWeightsError: the file is not on this machine and the download
+        failed (no network, for example); the message names the file, the
+        URL and the directories to put it in.
+    """
+    try:
+        return find_weights(source, weights_dir, representation=representation)
+    except MissingWeightsError as missing:
+        if not source.url:
+            raise
+        destination = os.path.join(hub_checkpoint_dir(), source.file_name)
+        try:
+            _download(source.url, destination, hash_prefix=_hash_prefix(source.file_name))
+        except (OSError, RuntimeError, ValueError) as e:  # network errors are OSErrors; a bad hash is a RuntimeError
+            raise MissingWeightsError(
+                f"{missing} Downloading it failed ({type(e).__name__}: {_first_line(e)}).") from e
+        return destination
+
+
+def _hash_prefix(file_name: str) -> str | None:
+    # torchvision names its files NAME-<first hex digits of the SHA-256>.pth.
+    found = re.search(r"-([0-9a-f]{8,64})\.", file_name)
+    return found.group(1) if found else None
+
+
+def _download(url: str, destination: str, *, hash_prefix: str | None) -> None:
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    torch.hub.download_url_to_file(url, destination, hash_prefix=hash_prefix, progress=False)
+
+
 def _numpy_safe_globals() -> list[Any]:
     # The globals a pickled numpy array or scalar refers to, across numpy 1.x
     # (numpy.core) and 2.x (numpy._core).
@@ -127,7 +165,11 @@ def load_checkpoint(
     try:
         if trust:
             return torch.load(path, weights_only=False, **kwargs)
-        with torch.serialization.safe_globals([*DEFAULT_SAFE_GLOBALS, *extra_safe_globals]):
+        with torch.serialization.safe_globals([*DEFAULT_SAFE_GLOBALS, *extra_safe_globals]), warnings.catch_warnings():
+            # torch warns that pickle arguments need weights_only=False, yet it
+            # passes `encoding` on to its weights-only unpickler, which uses it
+            # (checked with torch 2.14).
+            warnings.filterwarnings("ignore", message="pickle_load_args only works")
             return torch.load(path, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
@@ -167,12 +209,19 @@ def as_tensor_state_dict(state_dict: Mapping[str, Any], *, source: str) -> dict[
     return converted
 
 
+# BatchNorm's update counter, added to state dicts in PyTorch 0.4.1. Files saved
+# by older versions lack it; it only matters in training with momentum=None.
+BATCHNORM_COUNTER = "num_batches_tracked"
+
+
 def load_state_dict_strict(
     module: torch.nn.Module,
     state_dict: Mapping[str, torch.Tensor],
     *,
     source: str,
     ignore: Iterable[str] = (),
+    optional_suffixes: Iterable[str] = (),
+    assign: bool = False,
 ) -> None:
     """Load `state_dict` into `module`, requiring every key and shape to match.
 
@@ -182,13 +231,22 @@ def load_state_dict_strict(
       source: file or description named in errors.
       ignore: checkpoint keys that are deliberately unused (e.g. a classifier
         head the representation does not need); they must exist.
+      optional_suffixes: model keys ending in one of these (e.g.
+        BATCHNORM_COUNTER) may be absent from the file; they keep the module's
+        value, or zeros when the module was built on the meta device.
+      assign: adopt the checkpoint's tensors instead of copying them, which
+        lets a module built on the meta device skip random initialisation.
 
     Raises:
       CheckpointError: naming the missing, unexpected and mis-shaped keys.
     """
     ignore = set(ignore)
+    optional_suffixes = tuple(optional_suffixes)
     expected = module.state_dict()
     given = {k: v for k, v in state_dict.items() if k not in ignore}
+    for key, value in expected.items():
+        if key not in given and optional_suffixes and key.endswith(optional_suffixes):
+            given[key] = torch.zeros_like(value, device="cpu") if value.is_meta else value
     missing_ignored = sorted(ignore - set(state_dict))
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
@@ -208,7 +266,7 @@ def load_state_dict_strict(
         raise CheckpointError(
             f"{source}: the weights do not match the architecture: {'; '.join(problems)}. "
             "Check that the file is the published one for this representation.")
-    module.load_state_dict(dict(given), strict=True)
+    module.load_state_dict(dict(given), strict=True, assign=assign)
 
 
 def _abbreviate(items: Sequence[str], limit: int = 8) -> str:

@@ -56,7 +56,11 @@ class InputSpec:
       mean, std: per-channel normalisation of values in [0, value_range]; None skips it.
       value_range: the pixel scale before normalisation (1.0 for [0, 1], 255.0 for [0, 255]).
       channel_order: "RGB" or "BGR".
-      interpolation: "bilinear" or "bicubic".
+      interpolation: "bilinear", "bicubic" or "lanczos".
+      resize_side: which side an integer `resize` sets: "shorter", "longer" or "height".
+      upscale: False to only shrink images larger than `resize` and keep smaller ones.
+      pad_multiple: pad the right and bottom edges up to a multiple of this, or None.
+      pad_value: the padding's pixel value on the [0, value_range] scale.
     """
 
     resize: int | tuple[int, int] | None = 256
@@ -66,10 +70,19 @@ class InputSpec:
     value_range: float = 1.0
     channel_order: str = "RGB"
     interpolation: str = "bilinear"
+    resize_side: str = "shorter"
+    upscale: bool = True
+    pad_multiple: int | None = None
+    pad_value: float = 0.0
 
 
 class Extractor(Protocol):
-    """A built representation: preprocess one image, embed a batch."""
+    """A built representation: preprocess one image, embed a batch.
+
+    `representation` is the entry as built. A builder may resolve settings at
+    build time into its config (e.g. which edge detector shp found), so
+    manifests should record this entry's fingerprint, not the registry's.
+    """
 
     representation: "Representation"
 
@@ -77,7 +90,13 @@ class Extractor(Protocol):
         """Turn one RGB PIL image into the model input for one item of a batch."""
 
     def embed(self, batch: Any) -> np.ndarray:
-        """Return float32 features [B, D] for a stacked batch of preprocessed inputs."""
+        """Return float32 features [B, D] for a batch of preprocessed inputs.
+
+        `batch` is the inputs stacked into one tensor, or a list of them.
+        Entries whose inputs differ in size from image to image (config
+        "variable_input_size": True, e.g. whole-image retrieval networks)
+        need the list form.
+        """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,4 +288,4 @@ def _load_builtin_entries() -> None:
 
 
 # Modules whose import registers entries; extended as entries are added.
-_BUILTIN_MODULES: list[str] = ["extractors.learned", "extractors.classical"]
+_BUILTIN_MODULES: list[str] = ["extractors.learned", "extractors.classical", "extractors.paper"]
