@@ -70,24 +70,19 @@ def _parse_ks() -> list[int]:
         raise _InputError(f"--ks must be integers, got {FLAGS.ks}.") from e
 
 
-def _features_dir() -> str:
+def _load() -> store.FeatureSet:
+    """Load the features to search: --features_dir, or extract (cached) from --dataset."""
     if FLAGS.features_dir:
-        return FLAGS.features_dir
+        return store.load_features(FLAGS.features_dir, FLAGS.representations)
     from extractors import pipeline
 
     selection = ",".join(FLAGS.representations) if FLAGS.representations else "offline"
-    logging.info("no --features_dir: preparing %s features for the %s dataset", selection, FLAGS.dataset)
-    return pipeline.prepare_features(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
-                                      representations=selection, weights_dir=FLAGS.weights_dir)
-
-
-def _load() -> store.FeatureSet:
-    features_dir = _features_dir()
-    names = FLAGS.representations if FLAGS.features_dir else None
-    if not FLAGS.features_dir:
-        from extractors import pipeline
-
-        names = pipeline.extracted_names(features_dir, ",".join(FLAGS.representations or ["offline"]))
+    entries = pipeline.select_representations(selection, FLAGS.weights_dir)
+    names = [entry.name for entry in entries]
+    logging.info("no --features_dir: preparing %s features of the %s dataset", ", ".join(names), FLAGS.dataset)
+    features_dir = pipeline.prepare_features(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
+                                             representations=",".join(names), weights_dir=FLAGS.weights_dir)
+    # The cached store may hold more representations than this run selected.
     return store.load_features(features_dir, names)
 
 
@@ -112,9 +107,9 @@ def run() -> dict[str, str]:
     manifest = features.manifest or {}
     notes = []
     dataset = manifest.get("dataset", {})
-    if isinstance(dataset, dict) and dataset.get("synthetic_pairs"):
-        notes.append("NOTE: this dataset's pairs are synthetic (two views of the same photograph), "
-                     "not human similarity judgments.")
+    if isinstance(dataset, dict) and dataset.get("name") == "demo":
+        notes.append("NOTE: the demo set's pairs are synthetic (two views of the same scikit-image "
+                     "photograph), not human similarity judgments; see docs/demo_data.md.")
     extra = {"features_dir": os.path.abspath(features.source), "dataset": dataset or None}
     paths = report.write_outputs(result, analyses, FLAGS.out_dir, extra_summary=extra,
                                  notes=notes, figures=FLAGS.figures)
@@ -136,7 +131,8 @@ def main(argv: list[str]) -> None:
         return
     try:
         run()
-    except (_InputError, store.FeatureStoreError, ValueError, KeyError, MemoryError, FileNotFoundError) as e:
+    except (_InputError, store.FeatureStoreError, ValueError, KeyError, MemoryError, FileNotFoundError,
+            RuntimeError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         logging.error("%s", message)
         print(f"error: {message}", file=sys.stderr)

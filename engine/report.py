@@ -156,6 +156,7 @@ def write_figures(result: retrieval.SearchResult, analyses: Mapping[str, Any], o
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     k0 = result.ks[0]
     paths = []
@@ -195,6 +196,7 @@ def write_figures(result: retrieval.SearchResult, analyses: Mapping[str, Any], o
         for k, name in enumerate(part["representations"]):
             ax.plot(q, counts[:, k] / q, label=name)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel(f"top q subsets of size {part['size']}")
         ax.set_ylabel("fraction containing the representation")
         ax.set_title(f"Participation ({mode})")

@@ -37,7 +37,9 @@ PHOTOS: tuple[str, ...] = (
 
 FORMAT_VERSION = 1
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CACHE_DIR = os.path.join(REPO_ROOT, "cache", "demo")
+# Root of the demo images and of cached feature stores; FACETS_CACHE_DIR moves it.
+CACHE_ROOT = os.environ.get("FACETS_CACHE_DIR") or os.path.join(REPO_ROOT, "cache")
+DEFAULT_CACHE_DIR = os.path.join(CACHE_ROOT, "demo")
 _INFO_NAME = "demo.json"
 
 

@@ -28,12 +28,12 @@ import numpy as np
 from absl import logging
 
 from engine import store
-from extractors import datasets, registry
+from extractors import datasets, demo, registry
 from extractors.datasets import DatasetError, ImageRef, PairDataset
 
 CHUNK_SIZE = 256
 # Parent directory of the stores written when the caller names none.
-FEATURES_CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cache", "features")
+FEATURES_CACHE_DIR = os.path.join(demo.CACHE_ROOT, "features")
 MANIFEST_FORMAT = 1
 
 

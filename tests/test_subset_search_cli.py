@@ -121,3 +121,24 @@ def test_cli_rejects_nan_feature_file(tiny_store, tmp_path):
     assert os.path.join("gamma", "left.npy") in completed.stderr
     assert "row 7, column 1" in completed.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_main_job_without_flags(tmp_path):
+    # The README's demo command: builds the demo set, extracts every offline
+    # representation into the cache, searches, and on a repeat reuses the cache.
+    env = {**os.environ, "FACETS_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    command = [sys.executable, "-m", "benchmarks.subset_search"]
+    first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "subset_search" / "summary.json").read_text())
+    assert summary["representations"] == ["effnet_lite0", "color_hist", "hog", "shape_hog", "lbp", "tiny_image"]
+    assert summary["num_queries"] == 216
+    assert summary["num_gallery"] == 288
+    report_text = (tmp_path / "out" / "subset_search" / "report.md").read_text()
+    assert "synthetic" in report_text
+    repeat = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert repeat.returncode == 0, repeat.stderr[-3000:]
+    assert "already extracted" in repeat.stderr
+    repeat_summary = json.loads((tmp_path / "out" / "subset_search" / "summary.json").read_text())
+    assert repeat_summary["analyses"]["modes"] == summary["analyses"]["modes"]
