@@ -30,6 +30,10 @@ _DEVICE = flags.DEFINE_string("device", None, "torch device; default cuda when a
 _TLL_CROP = flags.DEFINE_list(
     "tll_crop", ["245", "400", "200"], "Side-by-side TLL only: ROWS,WIDTH,SPLIT keeps rows [0, ROWS) and cuts "
     "columns [0, SPLIT) and [SPLIT, WIDTH) into the left and right image.")
+_TRUST = flags.DEFINE_boolean(
+    "trust_checkpoints", False,
+    "Load checkpoints that hold objects outside the safe allowlist. Unpickling them can run code: "
+    "only for files you trust.")
 _LIST = flags.DEFINE_boolean(
     "list_representations", False, "Print every representation and whether its weights are present, then exit.")
 
@@ -47,7 +51,7 @@ def main(argv: list[str]) -> None:
         features_dir = pipeline.prepare_features(
             dataset=dataset, data_dir=_DATA_DIR.value, representations=_REPRESENTATIONS.value,
             features_dir=_FEATURES_DIR.value, weights_dir=_WEIGHTS_DIR.value, batch_size=_BATCH_SIZE.value,
-            num_workers=_NUM_WORKERS.value, device=_DEVICE.value)
+            num_workers=_NUM_WORKERS.value, device=_DEVICE.value, trust_checkpoints=_TRUST.value)
     except (KeyError, datasets.DatasetError, checkpoints.CheckpointError, pipeline.ExtractionError) as e:
         # These errors carry the file and the fix; a traceback would only bury them.
         # Representations and chunks finished before the error stay on disk.

@@ -55,6 +55,9 @@ flags.DEFINE_enum("dataset", "demo", ["demo", "tll", "pairs"],
                   "Dataset to extract features from when --features_dir is unset.")
 flags.DEFINE_string("data_dir", None, "Dataset location for --dataset=tll or pairs.")
 flags.DEFINE_string("weights_dir", None, "Directory searched first for published weight files.")
+flags.DEFINE_bool("trust_checkpoints", False,
+                  "Load checkpoints that hold objects outside the safe allowlist. Unpickling them can run code: "
+                  "only for files you trust.")
 flags.DEFINE_bool("list_representations", False,
                   "List the registered representations and whether their weights are present, then exit.")
 
@@ -81,7 +84,8 @@ def _load() -> store.FeatureSet:
     names = [entry.name for entry in entries]
     logging.info("no --features_dir: preparing %s features of the %s dataset", ", ".join(names), FLAGS.dataset)
     features_dir = pipeline.prepare_features(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
-                                             representations=",".join(names), weights_dir=FLAGS.weights_dir)
+                                             representations=",".join(names), weights_dir=FLAGS.weights_dir,
+                                             trust_checkpoints=FLAGS.trust_checkpoints)
     # The cached store may hold more representations than this run selected.
     return store.load_features(features_dir, names)
 

@@ -44,7 +44,7 @@ class ExtractionError(RuntimeError):
 def prepare_features(*, dataset: str | PairDataset = "demo", data_dir: str | None = None,
                      representations: str = "offline", features_dir: str | None = None,
                      weights_dir: str | None = None, batch_size: int = 32, num_workers: int = 0,
-                     device: str | None = None) -> str:
+                     device: str | None = None, trust_checkpoints: bool = False) -> str:
     """Extract the requested representations of a dataset into a feature store.
 
     Representations already in the store for the same dataset and the same
@@ -62,6 +62,8 @@ def prepare_features(*, dataset: str | PairDataset = "demo", data_dir: str | Non
       batch_size: images per forward pass.
       num_workers: DataLoader worker processes that decode and preprocess images.
       device: torch device; None picks "cuda" when available, else "cpu".
+      trust_checkpoints: load checkpoints that need full unpickling (only
+        for files the user trusts: unpickling can run code).
 
     Returns:
       The feature store directory, which contains every requested representation.
@@ -80,7 +82,8 @@ def prepare_features(*, dataset: str | PairDataset = "demo", data_dir: str | Non
         features_dir = os.path.join(FEATURES_CACHE_DIR, f"{dataset.name}-{identity['fingerprint'][:12]}")
     features_dir = os.path.abspath(features_dir)
     manifest = _open_manifest(features_dir, identity)
-    options = registry.BuildOptions(weights_dir=weights_dir, device=device or default_device())
+    options = registry.BuildOptions(weights_dir=weights_dir, device=device or default_device(),
+                                    trust_checkpoints=trust_checkpoints)
     for entry in entries:
         if _is_complete(features_dir, manifest, entry):
             logging.info("%s: already extracted in %s, reusing it", entry.name, features_dir)
