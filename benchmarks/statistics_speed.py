@@ -95,6 +95,13 @@ def main(argv: list[str]) -> None:
         record["fit_weights_seconds"] = time.perf_counter() - start
         record["fit_weights_stages"] = held.seconds
         record["fit_weights_ratio"] = record["fit_weights_seconds"] / plain_seconds
+        full = result.row_of((1 << m) - 1)
+        record["held_out_recall_at_1"] = {
+            "fitted_weights": int((held.ranks[weight_fit.FITTED] < 1).sum()),
+            "equal_standardized_weights": int((result.modes[retrieval.STANDARDIZED].ranks[full] < 1).sum()),
+            **{f"cross_validated_best_subset_{mode}": int((stats.held_out_ranks(result, mode) < 1).sum())
+               for mode in result.modes},
+        }
 
     store.write_json(FLAGS.out, record)
     print(json.dumps({k: record[k] for k in ("plain_search_seconds", "statistics_cold_seconds",
@@ -106,7 +113,8 @@ def main(argv: list[str]) -> None:
     print(f"added cost: {100 * record['ratio_cold']:.1f}% of the plain run (cold)")
     if FLAGS.fit_weights:
         print(f"cross-validated weight fit: {record['fit_weights_seconds']:.1f} s "
-              f"({100 * record['fit_weights_ratio']:.0f}% of the plain run)")
+              f"({100 * record['fit_weights_ratio']:.0f}% of the plain run); held-out recall@1: "
+              + ", ".join(f"{name} {count}" for name, count in record["held_out_recall_at_1"].items()))
     print(f"wrote {FLAGS.out}")
 
 

@@ -70,6 +70,10 @@ flags.DEFINE_bool("fit_weights", False, "Fit non-negative weights per representa
                   "score them on the held-out folds (needs --cv_folds >= 2; one more pass over the similarities).")
 flags.DEFINE_integer("fit_steps", 300, "Optimiser steps per fold of --fit_weights.")
 flags.DEFINE_integer("fit_batch_size", 256, "Training queries per optimiser step of --fit_weights.")
+flags.DEFINE_integer("fit_hard_per_member", 32, "Top gallery items per representation kept per query as hard "
+                     "negatives of the --fit_weights surrogate.")
+flags.DEFINE_integer("fit_tail_samples", 64, "Random gallery items per query that stand for the rest of the gallery "
+                     "in the --fit_weights surrogate.")
 flags.DEFINE_integer("seed", 0, "Seed of the folds, the bootstrap resamples and the weight fit.")
 flags.DEFINE_bool("list_representations", False,
                   "List the registered representations and whether their weights are present, then exit.")
@@ -117,14 +121,16 @@ def _add_statistics(source: similarity.SimilaritySource, result: retrieval.Searc
                                       cv_folds=FLAGS.cv_folds, seed=FLAGS.seed)
     analyses = search_statistics.annotate(result, analyses, stats)
     if FLAGS.fit_weights:
-        options = weight_fit.FitOptions(steps=FLAGS.fit_steps, batch_size=FLAGS.fit_batch_size, seed=FLAGS.seed)
+        options = weight_fit.FitOptions(hard_per_member=FLAGS.fit_hard_per_member,
+                                        tail_samples=FLAGS.fit_tail_samples, steps=FLAGS.fit_steps,
+                                        batch_size=FLAGS.fit_batch_size, seed=FLAGS.seed)
+        searched_equal = search_statistics.has_equal_standardized(result)
         held_out = weight_fit.cross_validate_weights(
-            source, stats.folds, result.std, ks=result.ks, options=options,
-            compare_standardized=retrieval.STANDARDIZED not in result.modes,
+            source, stats.folds, result.std, ks=result.ks, options=options, compare_standardized=not searched_equal,
             memory_budget_gb=FLAGS.memory_budget_gb)
         analyses["fitted_weights"] = search_statistics.compare_fitted(
             result, stats, result.names, held_out.standardized, held_out.raw, held_out.ranks, held_out.near_ties,
-            equal=None if retrieval.STANDARDIZED in result.modes else weight_fit.STANDARDIZED_EQUAL)
+            equal=None if searched_equal else weight_fit.STANDARDIZED_EQUAL)
         result.timings.update({f"fit_weights_{stage}": seconds for stage, seconds in held_out.seconds.items()})
     result.timings.update({f"statistics_{stage}": seconds for stage, seconds in stats.seconds.items()})
     return analyses

@@ -34,7 +34,7 @@ from absl import logging
 
 from engine import retrieval, statistics, subsets
 
-__all__ = ["SearchStatistics", "annotate", "compare_fitted", "compute"]
+__all__ = ["SearchStatistics", "annotate", "compare_fitted", "compute", "has_equal_standardized"]
 
 OVERALL = "overall"
 
@@ -289,6 +289,12 @@ def _cross_validation_out(result, mode, cv: statistics.CrossValidation, held_ran
 # Fitted weights.
 
 
+def has_equal_standardized(result: retrieval.SearchResult) -> bool:
+    """Return whether the search scored equal standardised weights (the all-member standardised subset)."""
+    full = (1 << len(result.names)) - 1
+    return retrieval.STANDARDIZED in result.modes and bool(np.any(result.masks == full))
+
+
 def compare_fitted(result: retrieval.SearchResult, stats: SearchStatistics, names: tuple[str, ...],
                    standardized_weights: np.ndarray, raw_weights: np.ndarray,
                    held_out: dict[str, np.ndarray], near_ties: dict[str, int], *, fitted: str = "fitted",
@@ -309,7 +315,8 @@ def compare_fitted(result: retrieval.SearchResult, stats: SearchStatistics, name
       near_ties: mode name -> near-tie count of the held-out scoring.
       fitted: the key of the fitted weights in `held_out`.
       equal: the key of equal standardised weights in `held_out`; None uses the
-        search's all-member standardised subset.
+        search's all-member standardised subset when it was searched
+        (`has_equal_standardized`) and leaves the row out otherwise.
     """
     if stats.folds is None:
         raise ValueError("fitted weights are scored on held-out folds; enable cross-validation (--cv_folds >= 2).")
@@ -319,7 +326,7 @@ def compare_fitted(result: retrieval.SearchResult, stats: SearchStatistics, name
     if equal is not None:
         labels.append("equal standardised weights")
         capped.append(held_out[equal])
-    elif retrieval.STANDARDIZED in result.modes:
+    elif has_equal_standardized(result):
         labels.append("equal standardised weights")
         full = result.row_of((1 << len(names)) - 1)
         capped.append(result.modes[retrieval.STANDARDIZED].ranks[full].astype(np.int64))

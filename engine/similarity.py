@@ -79,7 +79,7 @@ class SimilaritySource:
         """Return a source of the given queries against the same gallery, reordered.
 
         Query r of the new source is query `queries[r]` of this one. The
-        gallery holds the same G items, with the match of `queries[r]` moved
+        gallery contains the same G items, with the match of `queries[r]` moved
         to position r (the contract that item i matches query i) and every
         other item after them in ascending order. Ranks therefore equal those
         of the same queries in this source.

@@ -245,6 +245,10 @@ def cross_validate(fold_totals_: np.ndarray, masks: np.ndarray, groups: Mapping[
     num_folds = totals.shape[1]
     names = tuple(groups)
     overall = totals.sum(axis=1)
+    # Summing the other folds (not subtracting fold f from the total) gives
+    # rows with equal training outcomes equal float totals, so ties still
+    # fall to the size and mask order.
+    training = [totals[:, np.arange(num_folds) != f].sum(axis=1) for f in range(num_folds)]
     chosen = np.empty((len(names), num_folds), np.int64)
     in_sample = np.empty(len(names), np.int64)
     for g, name in enumerate(names):
@@ -253,7 +257,7 @@ def cross_validate(fold_totals_: np.ndarray, masks: np.ndarray, groups: Mapping[
             raise ValueError(f"cross-validation group {name!r} has no candidate rows.")
         in_sample[g] = _best_row(overall, masks, rows)
         for f in range(num_folds):
-            chosen[g, f] = _best_row(overall - totals[:, f], masks, rows)
+            chosen[g, f] = _best_row(training[f], masks, rows)
     held_out = totals[chosen, np.arange(num_folds)[None, :]]
     fold_sizes = np.bincount(np.asarray(folds), minlength=num_folds).astype(np.int64)
     return CrossValidation(groups=names, chosen=chosen, held_out=held_out, fold_sizes=fold_sizes,

@@ -132,7 +132,7 @@ def build_fit_cache(source: similarity.SimilaritySource, std: np.ndarray, *, opt
     """Compute the margins the surrogate needs for every query, in one blocked pass.
 
     Every query's row is reduced on its own, so a fit that reads only the
-    training rows of the cache never sees a held-out query.
+    training rows of the cache uses no information from a held-out query.
 
     Args:
       source: similarity rows of the M representations.
@@ -312,8 +312,8 @@ def cross_validate_weights(source: similarity.SimilaritySource, folds: np.ndarra
       ks: K values.
       options: the fit settings.
       compare_standardized: also score equal standardised weights (1 / σ_k)
-        on every fold, under the mode name "standardized_equal"; unnecessary
-        when the search already has the all-member standardised subset.
+        on every fold, under the mode name "standardized_equal". A search that
+        already has the all-member standardised subset does not need it.
       memory_budget_gb: memory bound of the cache and of the engine.
       progress: show progress.
     """

@@ -347,3 +347,15 @@ def test_cross_validate_items_stratified_scores():
     np.testing.assert_array_equal(cv.chosen[0], chosen)
     np.testing.assert_allclose(cv.held_out[0], held)
     np.testing.assert_array_equal(np.bincount(folds[strata == 1], minlength=4), [10, 10, 10, 10])
+
+
+def test_cross_validation_ties_fall_to_smaller_subset():
+    # Rows 0 (mask 3, two members) and 1 (mask 4, one member) score the same
+    # fractional values on every item, so every fold must pick the smaller subset.
+    rng = np.random.default_rng(8)
+    shared = rng.choice([0.1, 0.3, 0.7, 0.9], size=97)
+    values = np.stack([shared, shared, shared * 0.5])
+    folds, cv = statistics.cross_validate_items(values, np.array([3, 4, 5]), {"overall": np.arange(3)},
+                                                num_folds=4, seed=1)
+    np.testing.assert_array_equal(cv.chosen[0], [1, 1, 1, 1])
+    assert cv.in_sample[0] == 1
