@@ -176,38 +176,44 @@ def report_markdown(result: retrieval.SearchResult, analyses: Mapping[str, Any],
     num_folds = (analyses.get("statistics") or {}).get("cross_validation") or {}
     num_folds = num_folds.get("folds", 0)
     k0 = ks[0]
+    with_statistics = "statistics" in analyses
+
+    def statistics_cells(cells: list[Any]) -> list[Any]:
+        return cells if with_statistics else []
+
     modes = list(result.modes)
     first = modes[0]
 
     parts += ["", "## Single representations", ""]
     singles = analyses["modes"][first]["singles"]
-    rows = [[s["representations"]] + [s[f"recall_at_{k}"] for k in ks] + [_interval(s, k0)]
+    rows = [[s["representations"]] + [s[f"recall_at_{k}"] for k in ks] + statistics_cells([_interval(s, k0)])
             for s in sorted(singles, key=lambda s: -s[f"recall_at_{ks[0]}"])]
-    parts.append(_markdown_table(["representation"] + recall_cols + [f"R@{k0} interval"], rows))
+    parts.append(_markdown_table(["representation"] + recall_cols + statistics_cells([f"R@{k0} interval"]), rows))
 
     for mode in modes:
         mode_out = analyses["modes"][mode]
         parts += ["", f"## Mode: {mode}", "", "### Best subset of each size", ""]
         rows = [[b["size"], b["representations"]] + [b[f"recall_at_{k}"] for k in ks]
-                + [_interval(b, k0)] + _versus_best(b) for b in mode_out["best_per_size"]]
-        parts.append(_markdown_table(["size", "subset"] + recall_cols + COMPARISON_COLUMNS, rows))
+                + statistics_cells([_interval(b, k0)] + _versus_best(b)) for b in mode_out["best_per_size"]]
+        parts.append(_markdown_table(["size", "subset"] + recall_cols + statistics_cells(COMPARISON_COLUMNS), rows))
         parts += ["", f"### Top {len(mode_out['top_subsets'])} subsets", ""]
         rows = [[i + 1, b["representations"]] + [b[f"recall_at_{k}"] for k in ks]
-                + [_interval(b, k0)] + _versus_best(b) for i, b in enumerate(mode_out["top_subsets"])]
-        parts.append(_markdown_table(["#", "subset"] + recall_cols + COMPARISON_COLUMNS, rows))
+                + statistics_cells([_interval(b, k0)] + _versus_best(b))
+                for i, b in enumerate(mode_out["top_subsets"])]
+        parts.append(_markdown_table(["#", "subset"] + recall_cols + statistics_cells(COMPARISON_COLUMNS), rows))
         best = mode_out["best"]
         parts += ["", f"### Ablation of the best subset ({best['representations']}, "
                       f"R@{ks[0]} = {best[f'recall_at_{ks[0]}']})", ""]
         rows = []
         for entry in mode_out["ablation"]:
             if entry["best_without"] is None:
-                rows.append([entry["removed"], "(none of this size)", "", "", "", "", "", ""])
+                rows.append([entry["removed"], "(none of this size)", "", "", ""] + statistics_cells(["", "", ""]))
             else:
                 other = entry["best_without"]
                 rows.append([entry["removed"], other["representations"], other["size"],
-                             other[f"recall_at_{ks[0]}"], -entry["drop"]] + _versus_best(entry)[1:])
-        parts.append(_markdown_table(["without", "best subset without it", "size", f"R@{ks[0]}", "change",
-                                      "change interval", "Holm p", "distinguishable"], rows))
+                             other[f"recall_at_{ks[0]}"], -entry["drop"]] + statistics_cells(_versus_best(entry)[1:]))
+        parts.append(_markdown_table(["without", "best subset without it", "size", f"R@{ks[0]}", "change"]
+                                     + statistics_cells(["change interval", "Holm p", "distinguishable"]), rows))
         part = mode_out["participation"]
         top_q = min(10, part["num_subsets"])
         counts = part["counts"][part["q"].index(top_q)] if top_q in part["q"] else part["counts"][0]
