@@ -17,6 +17,11 @@ On Totally-Looks-Like with the representations whose weights are present:
       --weights_dir=WEIGHTS --representations=paper
 
 Writes OUT/subsets.csv, OUT/summary.json, OUT/report.md and PNG figures.
+Bootstrap intervals, paired tests against the best subset and cross-validated
+selection are on by default (--bootstrap=1000 --confidence=0.95 --cv_folds=5
+--seed=0; set --bootstrap=0 --cv_folds=0 to skip them). --fit_weights adds
+per-representation weights fitted on the training folds and scored on the
+held-out folds.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import time
 
 from absl import app, flags, logging
 
-from engine import analysis, report, retrieval, similarity, store, subsets
+from engine import analysis, report, retrieval, search_statistics, similarity, store, subsets, weight_fit
 
 FLAGS = flags.FLAGS
 
@@ -58,6 +63,21 @@ flags.DEFINE_string("weights_dir", None, "Directory searched first for published
 flags.DEFINE_bool("trust_checkpoints", False,
                   "Load checkpoints that hold objects outside the safe allowlist. Unpickling them can run code: "
                   "only for files you trust.")
+flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples over queries for the intervals and paired "
+                     "differences; 0 disables them.")
+flags.DEFINE_float("confidence", 0.95, "Coverage of every interval; paired tests use the significance level "
+                   "1 - confidence.")
+flags.DEFINE_integer("cv_folds", 5, "Folds of the cross-validation over queries (choose on the other folds, score "
+                     "on the held-out one); 0 disables it.")
+flags.DEFINE_bool("fit_weights", False, "Fit non-negative weights per representation on the training folds and "
+                  "score them on the held-out folds (needs --cv_folds >= 2; one more pass over the similarities).")
+flags.DEFINE_integer("fit_steps", 300, "Optimiser steps per fold of --fit_weights.")
+flags.DEFINE_integer("fit_batch_size", 256, "Training queries per optimiser step of --fit_weights.")
+flags.DEFINE_integer("fit_hard_per_member", 32, "Top gallery items per representation kept per query as hard "
+                     "negatives of the --fit_weights surrogate.")
+flags.DEFINE_integer("fit_tail_samples", 64, "Random gallery items per query that stand for the rest of the gallery "
+                     "in the --fit_weights surrogate.")
+flags.DEFINE_integer("seed", 0, "Seed of the folds, the bootstrap resamples and the weight fit.")
 flags.DEFINE_bool("list_representations", False,
                   "List the registered representations and whether their weights are present, then exit.")
 
@@ -90,6 +110,31 @@ def _load() -> store.FeatureSet:
     return store.load_features(features_dir, names)
 
 
+def _add_statistics(source: similarity.SimilaritySource, result: retrieval.SearchResult,
+                    analyses: dict) -> dict:
+    if FLAGS.fit_weights and FLAGS.cv_folds < 2:
+        raise _InputError(f"--fit_weights scores the fit on held-out folds; set --cv_folds >= 2 (got {FLAGS.cv_folds}).")
+    if not FLAGS.bootstrap and not FLAGS.cv_folds:
+        return analyses
+    stats = search_statistics.compute(result, num_resamples=FLAGS.bootstrap, level=FLAGS.confidence,
+                                      cv_folds=FLAGS.cv_folds, seed=FLAGS.seed)
+    analyses = search_statistics.annotate(result, analyses, stats)
+    if FLAGS.fit_weights:
+        options = weight_fit.FitOptions(hard_per_member=FLAGS.fit_hard_per_member,
+                                        tail_samples=FLAGS.fit_tail_samples, steps=FLAGS.fit_steps,
+                                        batch_size=FLAGS.fit_batch_size, seed=FLAGS.seed)
+        searched_equal = search_statistics.has_equal_standardized(result)
+        held_out = weight_fit.cross_validate_weights(
+            source, stats.folds, result.std, ks=result.ks, options=options, compare_standardized=not searched_equal,
+            memory_budget_gb=FLAGS.memory_budget_gb)
+        analyses["fitted_weights"] = search_statistics.compare_fitted(
+            result, stats, result.names, held_out.standardized, held_out.raw, held_out.ranks, held_out.near_ties,
+            equal=None if searched_equal else weight_fit.STANDARDIZED_EQUAL)
+        result.timings.update({f"fit_weights_{stage}": seconds for stage, seconds in held_out.seconds.items()})
+    result.timings.update({f"statistics_{stage}": seconds for stage, seconds in stats.seconds.items()})
+    return analyses
+
+
 def run() -> dict[str, str]:
     ks = _parse_ks()
     features = _load()
@@ -107,6 +152,7 @@ def run() -> dict[str, str]:
         memory_budget_gb=FLAGS.memory_budget_gb, candidates_per_member=FLAGS.candidates_per_member)
     result.timings["total_search"] = time.perf_counter() - start
     analyses = analysis.analyse(result, top=FLAGS.top)
+    analyses = _add_statistics(source, result, analyses)
 
     manifest = features.manifest or {}
     notes = []

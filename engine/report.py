@@ -18,6 +18,7 @@ import numpy as np
 
 from engine import retrieval, store, subsets
 
+COMPARISON_COLUMNS = ["interval", "vs best", "difference interval", "Holm p", "distinguishable"]
 FIGURE_NAMES = ("single_recall.png", "best_by_size.png", "participation.png", "exclusive.png")
 
 
@@ -84,6 +85,83 @@ def _markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _interval(record: Mapping[str, Any], k: int, key: str = "interval") -> str:
+    """Return "[low, high]" of recall@k from a record's bootstrap interval, or "" without one."""
+    interval = record.get(key, {}).get(f"recall_at_{k}")
+    return "" if interval is None else f"[{interval[0]:.0f}, {interval[1]:.0f}]"
+
+
+def _versus_best(entry: Mapping[str, Any]) -> list[str]:
+    """Return the cells difference, its interval, Holm p-value and verdict of a paired test, or blanks."""
+    test = entry.get("versus_best")
+    if test is None:
+        return ["", "", "", ""]
+    interval = test.get("difference_interval")
+    return [f"{test['difference']:+d}", "" if interval is None else f"[{interval[0]:+.0f}, {interval[1]:+.0f}]",
+            f"{test['p_value_holm']:.3g}", "yes" if test["distinguishable"] else "no"]
+
+
+def _statistics_notes(analyses: Mapping[str, Any], k: int) -> list[str]:
+    settings = analyses.get("statistics")
+    if not settings:
+        return []
+    level = 100 * settings["level"]
+    notes = []
+    if settings["bootstrap"]:
+        notes.append(f"Intervals: {level:g}% percentile bootstrap over queries, "
+                     f"{settings['bootstrap']['num_resamples']} resamples, seed {settings['seed']}.")
+    notes.append(f"\"vs best\": the paired difference in R@{k} from the best subset of the mode, its paired "
+                 f"bootstrap interval, and the exact McNemar p-value on the queries only one of the two recalls, "
+                 f"Holm-adjusted within each table; \"distinguishable\" means adjusted p < "
+                 f"{settings['paired_test']['alpha']:.3g}.")
+    if settings["cross_validation"]:
+        notes.append(f"Cross-validation: {settings['cross_validation']['folds']} folds over queries (seed "
+                     f"{settings['seed']}); each fold's subset is chosen on the other folds and scored on it.")
+    return notes
+
+
+def _cross_validation_markdown(mode_out: Mapping[str, Any], ks: tuple[int, ...], num_folds: int) -> list[str]:
+    cv = mode_out.get("cross_validation")
+    if cv is None:
+        return []
+    k = ks[0]
+    header = ["selection", "in-sample best", f"in-sample R@{k}", f"cross-validated R@{k}", "interval",
+              "optimism", "chosen most often (folds)"]
+    rows = []
+    for label, entry in [("overall", cv["overall"])] + [(f"size {e['size']}", e) for e in cv["by_size"]]:
+        most = entry["times_chosen"][0]
+        rows.append([label, entry["in_sample_best"]["representations"], entry["in_sample_best"][f"recall_at_{k}"],
+                     entry["cross_validated"][f"recall_at_{k}"], _interval(entry, k, "cross_validated_interval"),
+                     entry["optimism"], f"{most['representations']} ({most['folds']}/{num_folds})"])
+    return ["", "### Cross-validated selection", "", _markdown_table(header, rows)]
+
+
+def _fitted_markdown(fitted: Mapping[str, Any], ks: tuple[int, ...]) -> list[str]:
+    k = ks[0]
+    parts = ["", "## Fitted weights (cross-validated)", "",
+             "Non-negative weights of the standardised similarities, fitted on the training folds by a softmax "
+             "surrogate of recall@1 and scored exactly on the held-out fold; every row is scored on the same "
+             "queries and folds.", ""]
+    rows = []
+    for row in fitted["comparison"]:
+        test = row.get("fitted_versus_this")
+        cells = [row["label"], row[f"recall_at_{k}"], _interval(row, k)]
+        if test is None:
+            cells += ["", "", ""]
+        else:
+            interval = test.get("difference_interval")
+            cells += [f"{test['difference']:+d}" + ("" if interval is None else
+                                                    f" [{interval[0]:+.0f}, {interval[1]:+.0f}]"),
+                      f"{test['p_value_holm']:.3g}", "yes" if test["distinguishable"] else "no"]
+        rows.append(cells)
+    parts.append(_markdown_table(["weighting", f"R@{k}", "interval", "fitted minus this", "Holm p",
+                                  "distinguishable"], rows))
+    parts += ["", "Mean fitted weights of the standardised similarities (sum 1):", ""]
+    parts.append(_markdown_table(fitted["representations"],
+                                 [[f"{w:.3f}" for w in fitted["standardized_weights_mean"]]]))
+    return parts
+
+
 def report_markdown(result: retrieval.SearchResult, analyses: Mapping[str, Any], *,
                     title: str = "Subset search", notes: list[str] | None = None) -> str:
     """Return report.md: the tables a paper would show."""
@@ -94,45 +172,55 @@ def report_markdown(result: retrieval.SearchResult, analyses: Mapping[str, Any],
                  f"M = {len(result.names)} representations ({', '.join(result.names)}); "
                  f"{result.masks.size} subsets searched per mode. Recall counts are numbers of "
                  f"queries (of {result.num_queries}).")
-    parts += ["", *(notes or [])]
+    parts += ["", *(notes or []), *_statistics_notes(analyses, ks[0])]
+    num_folds = (analyses.get("statistics") or {}).get("cross_validation") or {}
+    num_folds = num_folds.get("folds", 0)
+    k0 = ks[0]
+    with_statistics = "statistics" in analyses
+
+    def statistics_cells(cells: list[Any]) -> list[Any]:
+        return cells if with_statistics else []
+
     modes = list(result.modes)
     first = modes[0]
 
     parts += ["", "## Single representations", ""]
     singles = analyses["modes"][first]["singles"]
-    rows = [[s["representations"]] + [s[f"recall_at_{k}"] for k in ks]
+    rows = [[s["representations"]] + [s[f"recall_at_{k}"] for k in ks] + statistics_cells([_interval(s, k0)])
             for s in sorted(singles, key=lambda s: -s[f"recall_at_{ks[0]}"])]
-    parts.append(_markdown_table(["representation"] + recall_cols, rows))
+    parts.append(_markdown_table(["representation"] + recall_cols + statistics_cells([f"R@{k0} interval"]), rows))
 
     for mode in modes:
         mode_out = analyses["modes"][mode]
         parts += ["", f"## Mode: {mode}", "", "### Best subset of each size", ""]
         rows = [[b["size"], b["representations"]] + [b[f"recall_at_{k}"] for k in ks]
-                for b in mode_out["best_per_size"]]
-        parts.append(_markdown_table(["size", "subset"] + recall_cols, rows))
+                + statistics_cells([_interval(b, k0)] + _versus_best(b)) for b in mode_out["best_per_size"]]
+        parts.append(_markdown_table(["size", "subset"] + recall_cols + statistics_cells(COMPARISON_COLUMNS), rows))
         parts += ["", f"### Top {len(mode_out['top_subsets'])} subsets", ""]
         rows = [[i + 1, b["representations"]] + [b[f"recall_at_{k}"] for k in ks]
+                + statistics_cells([_interval(b, k0)] + _versus_best(b))
                 for i, b in enumerate(mode_out["top_subsets"])]
-        parts.append(_markdown_table(["#", "subset"] + recall_cols, rows))
+        parts.append(_markdown_table(["#", "subset"] + recall_cols + statistics_cells(COMPARISON_COLUMNS), rows))
         best = mode_out["best"]
         parts += ["", f"### Ablation of the best subset ({best['representations']}, "
                       f"R@{ks[0]} = {best[f'recall_at_{ks[0]}']})", ""]
         rows = []
         for entry in mode_out["ablation"]:
             if entry["best_without"] is None:
-                rows.append([entry["removed"], "(none of this size)", "", ""])
+                rows.append([entry["removed"], "(none of this size)", "", "", ""] + statistics_cells(["", "", ""]))
             else:
                 other = entry["best_without"]
                 rows.append([entry["removed"], other["representations"], other["size"],
-                             other[f"recall_at_{ks[0]}"], -entry["drop"]])
-        parts.append(_markdown_table(["without", "best subset without it", "size", f"R@{ks[0]}", "change"],
-                                     rows))
+                             other[f"recall_at_{ks[0]}"], -entry["drop"]] + statistics_cells(_versus_best(entry)[1:]))
+        parts.append(_markdown_table(["without", "best subset without it", "size", f"R@{ks[0]}", "change"]
+                                     + statistics_cells(["change interval", "Holm p", "distinguishable"]), rows))
         part = mode_out["participation"]
         top_q = min(10, part["num_subsets"])
         counts = part["counts"][part["q"].index(top_q)] if top_q in part["q"] else part["counts"][0]
         parts += ["", f"### Participation in the top {top_q} of the {part['num_subsets']} subsets "
                       f"of size {part['size']}", ""]
         parts.append(_markdown_table(part["representations"], [counts]))
+        parts += _cross_validation_markdown(mode_out, ks, num_folds)
         parts += ["", f"Near-tie decisions (within float32 rounding of the true match's score): "
                       f"{mode_out['near_ties']}."]
 
@@ -143,11 +231,28 @@ def report_markdown(result: retrieval.SearchResult, analyses: Mapping[str, Any],
                                      rows))
         parts += ["", f"Total exclusive retrievals: {analyses['exclusive_total']}. Oracle (queries recalled "
                       f"at 1 by at least one single representation): {analyses['oracle']}."]
+    if "fitted_weights" in analyses:
+        parts += _fitted_markdown(analyses["fitted_weights"], ks)
     parts += ["", "## Figures", ""] + [f"![{name}]({name})" for name in FIGURE_NAMES]
     parts += ["", "## Timings (seconds)", ""]
     parts.append(_markdown_table(["stage", "seconds"],
                                  [[stage, f"{seconds:.2f}"] for stage, seconds in result.timings.items()]))
     return "\n".join(parts) + "\n"
+
+
+def _error_bars(records: list[Mapping[str, Any]], k: int, key: str = "interval") -> np.ndarray | None:
+    """Return [2, len(records)] distances from each value to its interval ends, or None without intervals."""
+    if not records or key not in records[0]:
+        return None
+    value = np.array([r[f"recall_at_{k}"] if key == "interval" else r["cross_validated"][f"recall_at_{k}"]
+                      for r in records], np.float64)
+    bounds = np.array([r[key][f"recall_at_{k}"] for r in records], np.float64)
+    return np.maximum(np.stack([value - bounds[:, 0], bounds[:, 1] - value]), 0.0)
+
+
+def _has_intervals(analyses: Mapping[str, Any]) -> bool:
+    settings = analyses.get("statistics")
+    return bool(settings and settings.get("bootstrap"))
 
 
 def write_figures(result: retrieval.SearchResult, analyses: Mapping[str, Any], out_dir: str) -> list[str]:
@@ -172,7 +277,8 @@ def write_figures(result: retrieval.SearchResult, analyses: Mapping[str, Any], o
 
     singles = sorted(first["singles"], key=lambda s: -s[f"recall_at_{k0}"])
     fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(singles) + 2), 3.5))
-    ax.bar([s["representations"] for s in singles], [s[f"recall_at_{k0}"] for s in singles], color="tab:blue")
+    ax.bar([s["representations"] for s in singles], [s[f"recall_at_{k0}"] for s in singles], color="tab:blue",
+           yerr=_error_bars(singles, k0), capsize=3)
     ax.set_ylabel(f"recall@{k0} (queries of {result.num_queries})")
     ax.set_title("Single representations")
     ax.tick_params(axis="x", rotation=45)
@@ -181,10 +287,17 @@ def write_figures(result: retrieval.SearchResult, analyses: Mapping[str, Any], o
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for mode in modes:
         best = analyses["modes"][mode]["best_per_size"]
-        ax.plot([b["size"] for b in best], [b[f"recall_at_{k0}"] for b in best], marker="o", label=mode)
+        line = ax.errorbar([b["size"] for b in best], [b[f"recall_at_{k0}"] for b in best],
+                           yerr=_error_bars(best, k0), marker="o", capsize=3, label=f"{mode}, in-sample")
+        cv = analyses["modes"][mode].get("cross_validation")
+        if cv is not None:
+            by_size = cv["by_size"]
+            ax.errorbar([e["size"] + 0.1 for e in by_size], [e["cross_validated"][f"recall_at_{k0}"] for e in by_size],
+                        yerr=_error_bars(by_size, k0, "cross_validated_interval"), marker="s", linestyle="--",
+                        capsize=3, color=line[0].get_color(), alpha=0.6, label=f"{mode}, cross-validated")
     ax.set_xlabel("subset size")
     ax.set_ylabel(f"best recall@{k0}")
-    ax.set_title("Best subset of each size")
+    ax.set_title("Best subset of each size" + (" (bars: bootstrap intervals)" if _has_intervals(analyses) else ""))
     ax.legend()
     save(fig, "best_by_size.png")
 

@@ -75,6 +75,31 @@ class SimilaritySource:
         return jnp.stack([
             _similarity_block(left[indices], right) for left, right in zip(self._left, self._right)])
 
+    def select_queries(self, queries: np.ndarray) -> "SimilaritySource":
+        """Return a source of the given queries against the same gallery, reordered.
+
+        Query r of the new source is query `queries[r]` of this one. The
+        gallery contains the same G items, with the match of `queries[r]` moved
+        to position r (the contract that item i matches query i) and every
+        other item after them in ascending order. Ranks therefore equal those
+        of the same queries in this source.
+
+        Args:
+          queries: int [N'] distinct query indices in [0, N).
+        """
+        queries = np.asarray(queries, np.int64)
+        if (queries.ndim != 1 or queries.size == 0 or queries.min() < 0 or queries.max() >= self.num_queries
+                or np.unique(queries).size != queries.size):
+            raise ValueError(f"queries must be distinct indices in [0, {self.num_queries}); got {queries.size} "
+                             f"values in [{queries.min(initial=0)}, {queries.max(initial=0)}].")
+        order = np.concatenate([queries, np.setdiff1d(np.arange(self.num_gallery), queries)])
+        if self._matrices is not None:
+            matrices = tuple(np.asarray(m)[queries][:, order] for m in self._matrices)
+            return dataclasses.replace(self, num_queries=queries.size, _matrices=matrices)
+        left = tuple(a[jnp.asarray(queries)] for a in self._left)
+        right = tuple(b[jnp.asarray(order)] for b in self._right)
+        return dataclasses.replace(self, num_queries=queries.size, _left=left, _right=right)
+
     def bytes_per_query_row(self) -> int:
         return 4 * self.num_members * self.num_gallery
 
