@@ -15,16 +15,15 @@ order, so every device and chunking gives the same decisions. They equal the
 float64 reference, which sums members in ascending order, except where
 |sum| <= |S| units: there the rounding of up to |S| margins by half a unit
 each could flip the sign. Those (subset, triplet) pairs are counted as
-near-ties. The per-category means do not depend on order either: h - 0.5 is
-rounded to 42 fractional bits (an error below 2^-43 per triplet) and split
-into limbs of at most 8 bits, so the float32 matmul that aggregates the
-decisions only ever adds integers below 2^24, which it does exactly.
+near-ties. The per-category means do not depend on order either. Each
+h - 0.5 is rounded to 42 fractional bits (an error below 2^-43 per triplet)
+and split into limbs of at most 8 bits. The float32 matmul that aggregates
+the decisions therefore only adds integers below 2^24, which is exact.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -190,7 +189,7 @@ def _judge_limbs(judge: np.ndarray, category: np.ndarray, num_categories: int) -
     return matrix, limb_bits
 
 
-@functools.partial(jax.jit, static_argnames=())
+@jax.jit
 def _score_chunk(members: jax.Array, sizes: jax.Array, quantized: jax.Array,
                  limb_matrix: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Decide and aggregate one chunk of subsets.
@@ -293,6 +292,18 @@ class SubsetSearchResult:
         mask = int(self.masks[winner])
         return BestSubset(mask=mask, score=float(top),
                           members=tuple(self.metric_names[k] for k in subsets.mask_members(mask, len(self.metric_names))))
+
+    def score_of(self, mode: str, column: str, mask: int) -> float:
+        """Return the score x100 of subset `mask` in a column.
+
+        Use it to evaluate a subset picked on another split; masks of two
+        results name the same metrics only when their `metric_names` match.
+        """
+        row = int(np.searchsorted(self.masks, mask))
+        if row >= self.masks.shape[0] or self.masks[row] != mask:
+            raise ValueError(f"mask {mask} was not searched; masks run over {self.masks.shape[0]} subsets "
+                             f"of {len(self.metric_names)} metrics (max_subset_size may exclude it).")
+        return float(self.column(mode, column)[row])
 
     def columns(self) -> list[str]:
         return [*self.category_names, "mean_of_categories", "pooled_over_triplets"]

@@ -8,7 +8,7 @@ prefers p0), h when d1 < d0, and 0.5 when d0 == d1. A category's score is the
 mean over its triplets, reported x100.
 
 JND: a pair (p0, p1) carries s, the fraction of people who called the two
-patches the same. Pairs are ranked by ascending distance; true positives are
+patches the same. Pairs are ranked by ascending distance. True positives are
 the running sum of s and false positives the running sum of 1 - s, and the
 score is the all-point (VOC 2010) average precision.
 
@@ -32,6 +32,8 @@ __all__ = [
     "two_afc_by_category",
     "two_afc_scores",
     "two_afc_scores_reference",
+    "BootstrapIntervals",
+    "bootstrap_two_afc",
     "category_codes",
     "format_scores_table",
 ]
@@ -182,7 +184,7 @@ def two_afc_by_category(d0: Any, d1: Any, judge: Any, category: Any, names: Sequ
       names: the category names, in report order; each must have a triplet.
 
     Returns:
-      `CategoryScores`; `per_item` holds the `[T]` per-triplet scores.
+      `CategoryScores`, whose `per_item` is the `[T]` per-triplet scores.
     """
     per_triplet = two_afc_scores(d0, d1, judge)
     codes = category_codes(category, names)
@@ -209,9 +211,9 @@ def jnd_average_precision(distance: Any, same: Any) -> float:
     True positives are the running sum of `same` and false positives of
     1 - `same`. Pairs with equal distances form one threshold: precision and
     recall are taken only after the whole group, so the result does not depend
-    on the input order. NOTE: the `lpips` package sorts with an unstable
-    argsort and evaluates every position, so on tied distances its value
-    depends on the order of the pairs; without ties the two agree.
+    on the input order. NOTE: the `lpips` package (0.1.4) sorts with an
+    unstable argsort and evaluates every position. On tied distances its value
+    therefore depends on the order of the pairs. Without ties the two agree.
 
     Args:
       distance: `[T]` distance between p0 and p1.
@@ -330,3 +332,94 @@ def format_scores_table(results: dict[str, CategoryScores], *, digits: int = 2) 
             cells.append(f"{result.pooled:.{digits}f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class BootstrapIntervals:
+    """Percentile bootstrap intervals of 2AFC scores (x100), resampling triplets within each category.
+
+    Attributes:
+      names: category names.
+      level: the coverage, e.g. 0.95.
+      num_resamples: bootstrap resamples drawn.
+      estimate: float64 `[M, K + 2]` scores on the data itself; columns are the
+        categories, then the mean of categories, then the pooled score.
+      low: float64 `[M, K + 2]` lower interval ends.
+      high: float64 `[M, K + 2]` upper interval ends.
+    """
+
+    names: tuple[str, ...]
+    level: float
+    num_resamples: int
+    estimate: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+    def columns(self) -> list[str]:
+        return [*self.names, "mean_of_categories", "pooled_over_triplets"]
+
+    def to_dict(self, row_names: Sequence[str] | None = None) -> dict[str, Any]:
+        """Return a JSON-serialisable summary, one entry per row (named by `row_names`)."""
+        row_names = list(row_names) if row_names is not None else [str(r) for r in range(self.estimate.shape[0])]
+        return {
+            "level": self.level,
+            "num_resamples": self.num_resamples,
+            "rows": {name: {column: {"estimate": float(e), "low": float(lo), "high": float(hi)}
+                            for column, e, lo, hi in zip(self.columns(), est, low, high)}
+                     for name, est, low, high in zip(row_names, self.estimate, self.low, self.high)},
+        }
+
+
+def bootstrap_two_afc(per_item: Any, category: Any, names: Sequence[str], *, num_resamples: int = 1000,
+                      level: float = 0.95, seed: int = 0) -> BootstrapIntervals:
+    """Bootstrap 2AFC scores of M distances with the same resampled triplets (paired).
+
+    Triplets are resampled with replacement within each category, so every
+    resample keeps the category sizes. All rows share the same resamples. For
+    a paired interval of the difference between two distances, pass the
+    difference of their per-triplet scores as a row. That row's values are
+    then differences x100, not scores.
+
+    Args:
+      per_item: `[T]` or `[M, T]` per-triplet scores in [0, 1] (for example
+        `CategoryScores.per_item`), or per-triplet differences of two distances.
+      category: `[T]` int codes into `names`, or names as strings.
+      names: the category names, each with at least one triplet.
+      num_resamples: bootstrap resamples.
+      level: interval coverage in (0, 1).
+      seed: seed of the resampling.
+
+    Returns:
+      `BootstrapIntervals` with percentile intervals per row and column.
+    """
+    per_item = np.atleast_2d(np.asarray(per_item, dtype=np.float64))
+    codes = category_codes(category, names)
+    if per_item.ndim != 2 or per_item.shape[1] != codes.shape[0]:
+        raise ValueError(f"per_item must be [T] or [M, T] with T = {codes.shape[0]} (the category length), "
+                         f"got shape {per_item.shape}.")
+    if not 0.0 < level < 1.0 or num_resamples < 1:
+        raise ValueError(f"level must be in (0, 1) and num_resamples >= 1, got {level} and {num_resamples}.")
+    counts = _counts_or_raise(codes, names)
+
+    rng = np.random.default_rng(seed)
+    resampled = np.zeros((per_item.shape[0], num_resamples, len(names)))
+    estimate = np.zeros((per_item.shape[0], len(names)))
+    for c in range(len(names)):
+        members = np.flatnonzero(codes == c)
+        values = per_item[:, members]
+        estimate[:, c] = values.mean(axis=1)
+        # How often each triplet is drawn in each resample: [B, n_c], n_c draws per row.
+        draws = rng.multinomial(members.shape[0], np.full(members.shape[0], 1.0 / members.shape[0]),
+                                size=num_resamples)
+        resampled[:, :, c] = values @ draws.T / members.shape[0]
+
+    def with_overall(category_means: np.ndarray) -> np.ndarray:
+        mean = category_means.mean(axis=-1, keepdims=True)
+        pooled = (category_means * counts).sum(axis=-1, keepdims=True) / counts.sum()
+        return 100.0 * np.concatenate([category_means, mean, pooled], axis=-1)
+
+    tail = 100.0 * (1.0 - level) / 2.0
+    samples = with_overall(resampled)
+    return BootstrapIntervals(
+        names=tuple(names), level=level, num_resamples=num_resamples, estimate=with_overall(estimate),
+        low=np.percentile(samples, tail, axis=1), high=np.percentile(samples, 100.0 - tail, axis=1))

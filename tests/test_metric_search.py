@@ -234,3 +234,13 @@ def test_single_layer_sweep_rejects_bad_channels():
     with pytest.raises(ValueError, match="sum to the profile width"):
         metric_search.single_layer_sweep(profile0, profile1, judge, np.zeros(10, int), (2, 3), None,
                                          category_names=["cnn"])
+
+
+def test_score_of_reads_one_subset():
+    d0, d1, judge, category, num_categories = _random_case(18, 40, 3, ties=False)
+    result = metric_search.search_metric_subsets(d0, d1, judge, category, num_categories, max_subset_size=2)
+    row = list(result.masks).index(5)
+    assert result.score_of("raw", "c1", 5) == result.category_scores["raw"][row, 1]
+    assert result.score_of("standardized", "pooled_over_triplets", 5) == result.pooled["standardized"][row]
+    with pytest.raises(ValueError, match="was not searched"):
+        result.score_of("raw", "c1", 7)  # three members, beyond max_subset_size

@@ -125,3 +125,28 @@ def test_format_scores_table():
     table = scores.format_scores_table({"l2-lab": result})
     assert table.splitlines()[0] == "| distance | cnn | color | mean of categories | pooled over triplets |"
     assert table.splitlines()[2] == "| l2-lab | 80.00 | 60.00 | 70.00 | 70.00 |"
+
+
+def test_bootstrap_intervals_cover_estimate():
+    rng = np.random.default_rng(30)
+    category = np.arange(600) % 3
+    per_item = np.stack([rng.integers(0, 6, 600) / 5.0, rng.random(600)])
+    result = scores.bootstrap_two_afc(per_item, category, ["a", "b", "c"], num_resamples=400, seed=1)
+    assert result.estimate.shape == (2, 5)
+    assert np.all(result.low <= result.estimate + 1e-9)
+    assert np.all(result.estimate <= result.high + 1e-9)
+    # Per category the estimate is the plain mean x100; the last column is the pooled mean.
+    assert result.estimate[0, 0] == pytest.approx(100 * per_item[0, category == 0].mean())
+    assert result.estimate[1, 4] == pytest.approx(100 * per_item[1].mean())
+    # The standard error of a mean of 200 uniform values is about 2.0 (x100); the 95% width is near 8.
+    width = result.high[1, 1] - result.low[1, 1]
+    assert 5.0 < width < 11.0
+    again = scores.bootstrap_two_afc(per_item, category, ["a", "b", "c"], num_resamples=400, seed=1)
+    np.testing.assert_array_equal(again.low, result.low)
+
+
+def test_bootstrap_constant_scores_have_zero_width():
+    result = scores.bootstrap_two_afc(np.full(50, 0.8), np.zeros(50, int), ["cnn"], num_resamples=50)
+    assert result.low[0, 0] == pytest.approx(80.0)
+    assert result.high[0, 0] == pytest.approx(80.0)
+    assert set(result.to_dict(["l2"])["rows"]["l2"]) == {"cnn", "mean_of_categories", "pooled_over_triplets"}
