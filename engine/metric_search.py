@@ -629,6 +629,8 @@ def format_single_layer_table(sweeps: Sequence[SingleLayerSweep], *, digits: int
     all-layer score and delta = calibrated - best tap (positive when the
     calibration beats the best single layer). This is the layout of Table 2 in
     Rosenfeld et al. (2019). Tap indices count from 0 at the shallowest tap.
+    NOTE: for SqueezeNet that paper numbers only the last five of the seven
+    LPIPS taps, so its layer k is tap k + 2 here.
     """
     if not sweeps:
         raise ValueError("sweeps is empty; pass one SingleLayerSweep per network.")
