@@ -145,7 +145,7 @@ def fit_channel_weights(profile0: Any, profile1: Any, judge: Any, *, l1: float =
     Returns:
       `ChannelFit` with the weights in the profile's units.
     """
-    # float32 throughout: a training split's [T, C] profiles are about 1 GB each.
+    # float32 throughout: one training profile is about 1 GB (151k triplets x 1,472 AlexNet channels x 4 bytes).
     profile0 = np.asarray(profile0, dtype=np.float32)
     profile1 = np.asarray(profile1, dtype=np.float32)
     judge = np.asarray(judge, dtype=np.float64)
