@@ -5,8 +5,8 @@ factory for a function that maps images to tap activations. It never imports
 torch: the extractor arrives as a callable, built only when some category
 misses the cache, so a run whose profiles are all cached never touches PyTorch.
 
-Per category it yields, for 2AFC, `profile0` and `profile1` [T, C] per net
-(pairs (ref, p0) and (ref, p1)) and `d0`, `d1` [T] per baseline; for JND,
+For 2AFC each category gets `profile0` and `profile1` [T, C] per net (pairs
+(ref, p0) and (ref, p1)) and `d0`, `d1` [T] per baseline. For JND it gets
 `profile` [T, C] per net (pair (p0, p1)) and `d` [T] per baseline.
 """
 
@@ -41,7 +41,8 @@ class NetRunner:
       channels: [L] channel count per tap.
       fingerprint: every setting that changes the activations (weights, version, taps).
       make_extract: returns a function from images [B, H, W, 3] in [-1, 1]
-        to L activations [B, C_l, H_l, W_l]; called at most once, on a cache miss.
+        to L activations [B, C_l, H_l, W_l]; `compute_split` calls it once,
+        at the first category whose profiles are not cached.
     """
 
     name: str

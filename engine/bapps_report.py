@@ -1,10 +1,10 @@
 """Every BAPPS analysis of one split, computed from cached profiles and baselines, and its report.
 
 From the per-category arrays of `engine.bapps_pipeline` this module builds the
-metric distances (each net's calibrated, uncalibrated and single-tap
-weightings, L2 and SSIM), scores them (2AFC per category x100 with both
-overall averages, or JND average precision), runs the single-layer sweep, the
-metric-combination search and the fitted channel weighting, and renders
+metric distances: each net's calibrated, uncalibrated and single-tap
+weightings, L2 and SSIM. It scores them (2AFC per category x100 with both
+overall averages, or JND average precision) and runs the single-layer sweep,
+the metric-combination search and the fitted channel weighting. It renders
 `scores.csv`, `distances.csv`, `summary.json` and `report.md`.
 """
 

@@ -18,6 +18,7 @@ channels-first, [T, C_l, H_l, W_l], as PyTorch produces them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -190,11 +191,18 @@ def spatial_distance_map(
       linear_weights: per-tap weights [C_l]; None sums channels unweighted.
     """
     _check_activations(acts_a, acts_b)
-    total = jnp.zeros((np.shape(acts_a[0])[0], *out_hw), jnp.float32)
+    as_jax = lambda arrays: tuple(jnp.asarray(a, jnp.float32) for a in arrays)  # noqa: E731
+    weights = None if linear_weights is None else as_jax(linear_weights)
+    return np.asarray(_spatial_core(as_jax(acts_a), as_jax(acts_b), weights, tuple(out_hw)))
+
+
+@functools.partial(jax.jit, static_argnames=("out_hw",))
+def _spatial_core(acts_a, acts_b, linear_weights, out_hw):
+    total = jnp.zeros((acts_a[0].shape[0], *out_hw), jnp.float32)
     for tap, (a, b) in enumerate(zip(acts_a, acts_b)):
-        diff = _unit_normalise(jnp.asarray(a)) - _unit_normalise(jnp.asarray(b))
+        diff = _unit_normalise(a) - _unit_normalise(b)
         squared = diff * diff
         if linear_weights is not None:
-            squared = squared * jnp.asarray(linear_weights[tap], jnp.float32)[None, :, None, None]
+            squared = squared * linear_weights[tap][None, :, None, None]
         total = total + _upsample_bilinear(jnp.sum(squared, axis=1), out_hw)
-    return np.asarray(total)
+    return total

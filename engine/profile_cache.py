@@ -1,4 +1,4 @@
-"""An on-disk cache of per-category arrays (channel profiles, labels, baseline distances).
+"""An on-disk cache of per-category arrays: channel profiles and baseline distances.
 
 Layout::
 

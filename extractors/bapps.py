@@ -6,7 +6,7 @@
 Files are paired by their stem (the zero-padded index), never by listing
 order, and a stem missing from any folder is an error that names it. Images
 load as the reference evaluation loads them: RGB, the shorter side resized to
-64 pixels (bilinear), values scaled to [-1, 1]. `judge` holds the fraction of
+64 pixels (bilinear), values scaled to [-1, 1]. `judge` contains the fraction of
 people who chose p1 and `same` the fraction who called the pair identical,
 one number in [0, 1] per file.
 """
@@ -95,7 +95,7 @@ def detect_task(data_dir: str, split: str) -> str:
         raise BappsDataError(
             f"{data_dir}: neither 2afc/{split} nor jnd/{split} exists. Point --data_dir at the folder "
             "that holds the unpacked BAPPS archives (2afc/ and jnd/).")
-    raise BappsDataError(f"{data_dir} holds both 2afc/{split} and jnd/{split}; pass --task=2afc or --task=jnd.")
+    raise BappsDataError(f"{data_dir} contains both 2afc/{split} and jnd/{split}; pass --task=2afc or --task=jnd.")
 
 
 def split_dir(data_dir: str, task: str, split: str) -> str:
@@ -141,7 +141,7 @@ def read_split(
             raise BappsDataError(
                 f"unknown category {unknown} in {root}; available: {present}. Fix --categories.")
     if not names:
-        raise BappsDataError(f"{root} holds no category folder.")
+        raise BappsDataError(f"{root} contains no category folder; unpack the BAPPS archive there.")
     return BappsSplit(task, split, root, tuple(_read_category(task, os.path.join(root, n)) for n in names))
 
 
@@ -160,7 +160,7 @@ def _read_category(task: str, root: str) -> Category:
             if suffix.lower() not in suffixes:
                 continue
             if stem in files:
-                raise BappsDataError(f"{directory} holds two files with stem {stem!r}; keep one.")
+                raise BappsDataError(f"{directory} contains two files with stem {stem!r}; keep one.")
             path = os.path.join(directory, entry)
             stat = os.stat(path)
             digest.update(f"{folder}/{entry}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
@@ -175,7 +175,7 @@ def _read_category(task: str, root: str) -> Category:
                 f"{' ...' if len(missing) > 5 else ''} ({len(missing)} missing), which other folders of "
                 f"{root} have. Restore the files or remove those stems from every folder.")
     if not stems:
-        raise BappsDataError(f"{root} holds no items.")
+        raise BappsDataError(f"{root} contains no items; restore the category from the BAPPS archive.")
     label_folder = LABEL_FOLDER[task]
     labels = np.array([read_label(by_folder[label_folder][s]) for s in stems], np.float32)
     images = {folder: tuple(by_folder[folder][s] for s in stems) for folder in IMAGE_FOLDERS[task]}

@@ -6,7 +6,7 @@ ghosting, warping). The human judgments are SYNTHETIC: a simulated observer
 perceives each distortion as `strength[kind] * severity`, picks p1 with
 probability sigmoid((perceived0 - perceived1) / OBSERVER_TEMPERATURE), and
 five simulated people vote (three for JND). Scores on this set show that the
-pipeline runs; they say nothing about how any metric agrees with people.
+pipeline runs. They do not measure how any metric agrees with people.
 """
 
 from __future__ import annotations

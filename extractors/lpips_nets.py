@@ -27,6 +27,7 @@ import torch
 import torchvision
 from absl import logging
 
+from engine import store
 from extractors import checkpoints
 
 # Per-channel (x - shift) / scale applied to [-1, 1] inputs by LPIPS v0.1; it
@@ -138,14 +139,15 @@ def load_linear_weights(net: str, version: str = "0.1", *, path: str | None = No
             raise LpipsWeightsError(f"{path}: {key} has shape {value.shape}, expected {shape} for {net!r}.")
         if not np.all(np.isfinite(value)) or (value < 0).any():
             raise LpipsWeightsError(
-                f"{path}: {key} holds negative or non-finite values; LPIPS calibration weights are >= 0.")
+                f"{path}: {key} contains negative or non-finite values, but LPIPS calibration weights are "
+                "finite and >= 0. Pass the file the lpips package ships.")
         weights.append(value.reshape(-1).astype(np.float32))
     return weights
 
 
 @dataclasses.dataclass(frozen=True)
 class BackboneSource:
-    """Where a backbone's weights come from.
+    """The source of a backbone's weights.
 
     Attributes:
       kind: "torchvision", "file" or "random".
@@ -368,3 +370,37 @@ def net_runner(
         return lambda images: extract_taps(extractor, images)
 
     return bapps_pipeline.NetRunner(net, spec.channels, fingerprint, make_extract)
+
+
+def write_random_backbone(net: str, path: str, *, seed: int) -> str:
+    """Write seeded random `features.*` weights of `net` as a torchvision-format state dict; return `path`.
+
+    Only the trunk is written: LPIPS does not use the classifier, which for
+    VGG16 would add about 400 MB.
+    """
+    spec = get_net(net)
+    torch.manual_seed(seed)
+    features = getattr(torchvision.models, spec.torchvision_model)(weights=None).features
+    state = {f"features.{key}": value for key, value in features.state_dict().items()}
+    with store.atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def load_backbone_into_package(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """Load a torchvision-format backbone file strictly into an `lpips.LPIPS` model's trunk; return the model.
+
+    The package's trunk slices name their modules by torchvision `features`
+    index, so key `slice{k}.{index}.{name}` takes `features.{index}.{name}`.
+    """
+    state = checkpoints.load_checkpoint(path)
+    target = model.net.state_dict()
+    mapped = {}
+    for key in target:
+        _, index, rest = key.split(".", 2)
+        source_key = f"features.{index}.{rest}"
+        if source_key not in state:
+            raise LpipsWeightsError(f"{path}: key {source_key!r} is missing; pass a torchvision-format state dict.")
+        mapped[key] = state[source_key]
+    model.net.load_state_dict(mapped, strict=True)
+    return model

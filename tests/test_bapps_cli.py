@@ -80,7 +80,8 @@ def test_2afc_run_writes_outputs_and_reuses_cache(tmp_path, data_dir, monkeypatc
     assert summary["config"]["random_backbones"] == ["alex", "squeeze"]
     assert summary["cache"]["loaded"] == []
     assert len(summary["fitted_weightings"]) == 4
-    assert "single_layer" in summary and "combinations" in summary
+    assert "single_layer" in summary
+    assert "combinations" in summary
     report = open(os.path.join(out, "report.md")).read()
     assert "RANDOM backbone weights" in report
     assert "## Metric combinations" in report

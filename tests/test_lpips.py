@@ -18,30 +18,14 @@ RTOL = 1e-5
 
 
 def _random_state_file(directory, net: str, seed: int = 0) -> str:
-    # Only the `features.*` keys of the torchvision state dict: the classifier
-    # is unused by LPIPS, and VGG16's would add 400 MB to write and read.
-    spec = lpips_nets.get_net(net)
-    torch.manual_seed(seed)
-    features = getattr(torchvision.models, spec.torchvision_model)(weights=None).features
-    path = os.path.join(directory, f"{net}-random.pth")
-    torch.save({f"features.{key}": value for key, value in features.state_dict().items()}, path)
-    return path
+    return lpips_nets.write_random_backbone(net, os.path.join(directory, f"{net}-random.pth"), seed=seed)
 
 
 def _reference_model(net: str, state_path: str, *, version: str = "0.1", spatial: bool = False):
-    # pnet_rand=True builds the package's model without downloading a backbone;
-    # the same torchvision state dict then goes into its slices, whose module
-    # names are the torchvision `features` indices.
+    # pnet_rand=True builds the package's model without downloading a backbone.
     model = lpips_package.LPIPS(net=net, version=version, lpips=True, pnet_rand=True,
                                 spatial=spatial, verbose=False)
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
-    target = model.net.state_dict()
-    mapped = {}
-    for key in target:
-        _, index, rest = key.split(".", 2)
-        mapped[key] = state[f"features.{index}.{rest}"]
-    model.net.load_state_dict(mapped, strict=True)
-    return model.eval()
+    return lpips_nets.load_backbone_into_package(model, state_path).eval()
 
 
 @pytest.fixture(scope="module", params=NETS)
