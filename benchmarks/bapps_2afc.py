@@ -43,7 +43,10 @@ flags.DEFINE_list("search_metrics", None,
                   "Metrics of the combination search; default: each net's -lin and uncalibrated distance, "
                   "l2-lab, l2-rgb, ssim. Pass 'none' to skip the search.")
 flags.DEFINE_integer("max_subset_size", None, "Largest metric combination searched.")
-flags.DEFINE_bool("demo", False, "Build a tiny BAPPS-layout set with SYNTHETIC judgments and evaluate it.")
+flags.DEFINE_integer("bootstrap_resamples", 1000,
+                     "Resamples of the 95% bootstrap intervals of the 2AFC scores in summary.json; 0 skips them.")
+flags.DEFINE_bool("demo", False, "Build a tiny BAPPS-layout set with SYNTHETIC judgments in OUT/demo_data "
+                  "and evaluate it; pretrained backbones are used when in torch's hub cache, else RANDOM ones.")
 flags.DEFINE_integer("seed", 0, "Seed of the demo set and the fits.")
 
 
@@ -84,7 +87,10 @@ def main(argv):
 
     data_dir = FLAGS.data_dir
     if FLAGS.demo:
-        data_dir = data_dir or os.path.join(FLAGS.out_dir, "demo_data")
+        if data_dir:
+            raise app.UsageError("--demo builds and evaluates its own set in OUT/demo_data; drop --data_dir, "
+                                 "or drop --demo to evaluate the data there.")
+        data_dir = os.path.join(FLAGS.out_dir, "demo_data")
         if not os.path.isdir(os.path.join(data_dir, "2afc")):
             bapps_demo.build_demo_set(data_dir, seed=FLAGS.seed)
         logging.warning(bapps_demo.SYNTHETIC_NOTE)
@@ -120,7 +126,8 @@ def main(argv):
         search_metrics = []
     analyses = bapps_report.run_analyses(
         table, infos, search_metrics=search_metrics, max_subset_size=FLAGS.max_subset_size, train=train,
-        l1_values=[float(v) for v in FLAGS.l1], fit_steps=FLAGS.fit_steps, seed=FLAGS.seed)
+        l1_values=[float(v) for v in FLAGS.l1], fit_steps=FLAGS.fit_steps, seed=FLAGS.seed,
+        bootstrap_resamples=FLAGS.bootstrap_resamples)
 
     summary = bapps_report.summary_dict(table, analyses)
     summary["config"] = {

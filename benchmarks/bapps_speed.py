@@ -18,13 +18,15 @@ random torchvision state dict per net, loaded by both sides) and batch size:
    times are estimates: the measured calibrated run time times the run
    count, because the runs differ only in a 1x1 convolution.
 
-Timings are single runs after a warm-up batch on both sides.
+Each timing is the median of --repeats runs after a warm-up batch, the two
+sides alternating so that load from other processes hits both alike.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import shutil
 import tempfile
 import time
 
@@ -43,6 +45,7 @@ flags.DEFINE_integer("triplets_per_category", 334, "Triplets in each of the six 
 flags.DEFINE_list("nets", ["alex", "vgg", "squeeze"], "LPIPS nets to time.")
 flags.DEFINE_integer("batch_size", 50, "Triplets per batch on both sides.")
 flags.DEFINE_integer("seed", 0, "Seed of the generated set and the random backbones.")
+flags.DEFINE_integer("repeats", 3, "Timed runs per side; the median is reported.")
 
 
 def _package_model(net: str, state_path: str) -> torch.nn.Module:
@@ -80,11 +83,14 @@ def time_facets(data_dir: str, net: str, state_path: str, cache_dir: str, batch_
                                  cache_dir=None, batch_size=batch_size, with_baselines=False)
     start = time.perf_counter()
     split = bapps.read_split(data_dir, "2afc", "val")
-    arrays, _ = bapps_pipeline.compute_split(split, [runner], image_loader=bapps.load_images,
-                                             load_size=bapps.LOAD_SIZE, cache_dir=cache_dir,
-                                             batch_size=batch_size, with_baselines=False)
+    arrays, report = bapps_pipeline.compute_split(split, [runner], image_loader=bapps.load_images,
+                                                  load_size=bapps.LOAD_SIZE, cache_dir=cache_dir,
+                                                  batch_size=batch_size, with_baselines=False)
     bapps_report.assemble("2afc", "val", arrays, info)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if report["loaded"]:
+        raise RuntimeError(f"the end-to-end timing must compute every profile, but loaded {report['loaded']}.")
+    return seconds
 
 
 def time_analyses(data_dir: str, runners, infos, cache_dir: str, batch_size: int) -> float:
@@ -111,19 +117,27 @@ def main(argv):
     split = bapps.read_split(data_dir, "2afc", "val")
     logging.info("timing on %d triplets at %d x %d", len(split), bapps.LOAD_SIZE, bapps.LOAD_SIZE)
 
-    cache_dir = tempfile.mkdtemp(prefix="cache.", dir=work_dir)
     results = {"triplets": len(split), "batch_size": FLAGS.batch_size, "nets": {},
                "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                "platform": platform.platform(), "torch": torch.__version__}
-    runners, infos = [], {}
+    runners, infos, last_cache = [], {}, {}
     for net in FLAGS.nets:
         state_path = lpips_nets.write_random_backbone(
             net, os.path.join(work_dir, f"{net}-seed{FLAGS.seed}.pth"), seed=FLAGS.seed)
-        package_seconds = time_package(_package_model(net, state_path), split, FLAGS.batch_size)
-        facets_seconds = time_facets(data_dir, net, state_path, cache_dir, FLAGS.batch_size)
+        model = _package_model(net, state_path)
+        package_runs, facets_runs = [], []
+        for _ in range(FLAGS.repeats):
+            package_runs.append(time_package(model, split, FLAGS.batch_size))
+            # A fresh cache directory each time, so every run computes and writes its profiles.
+            cache_dir = tempfile.mkdtemp(prefix="cache.", dir=work_dir)
+            facets_runs.append(time_facets(data_dir, net, state_path, cache_dir, FLAGS.batch_size))
+        last_cache[net] = cache_dir
+        package_seconds = float(np.median(package_runs))
+        facets_seconds = float(np.median(facets_runs))
         taps = len(lpips_nets.get_net(net).channels)
         results["nets"][net] = {
             "package_end_to_end_s": package_seconds, "facets_end_to_end_s": facets_seconds,
+            "package_runs_s": package_runs, "facets_runs_s": facets_runs,
             "speedup_end_to_end": package_seconds / facets_seconds,
             "package_runs_minimum": 2, "package_runs_per_configuration": 2 + taps}
         logging.info("%s end to end: package %.1f s, Facets %.1f s, speedup %.2fx",
@@ -132,8 +146,13 @@ def main(argv):
         infos[net] = bapps_report.NetInfo(lpips_nets.get_net(net).channels,
                                           tuple(lpips_nets.load_linear_weights(net)))
 
+    # Each net's last end-to-end run left its profiles in its own cache directory; merge them.
+    cache_dir = tempfile.mkdtemp(prefix="cache.", dir=work_dir)
+    for net_cache in last_cache.values():
+        shutil.copytree(net_cache, cache_dir, dirs_exist_ok=True)
     time_analyses(data_dir, runners, infos, cache_dir, FLAGS.batch_size)  # warm-up: compiles the kernels
-    analyses_seconds = time_analyses(data_dir, runners, infos, cache_dir, FLAGS.batch_size)
+    analyses_seconds = float(np.median([time_analyses(data_dir, runners, infos, cache_dir, FLAGS.batch_size)
+                                        for _ in range(FLAGS.repeats)]))
     package_minimum = sum(r["package_end_to_end_s"] * r["package_runs_minimum"] for r in results["nets"].values())
     package_per_configuration = sum(r["package_end_to_end_s"] * r["package_runs_per_configuration"]
                                     for r in results["nets"].values())

@@ -113,6 +113,7 @@ class Analyses:
     """Results of every analysis of a split; fields are None when an analysis did not run."""
 
     metric_scores: dict[str, scores.CategoryScores]
+    intervals: scores.BootstrapIntervals | None = None
     sweeps: list[metric_search.SingleLayerSweep] | None = None
     search: metric_search.SubsetSearchResult | None = None
     fits: list[dict[str, Any]] | None = None
@@ -128,6 +129,7 @@ def run_analyses(
     l1_values: Sequence[float] = (0.0,),
     fit_steps: int = 500,
     seed: int = 0,
+    bootstrap_resamples: int = 0,
 ) -> Analyses:
     """Run the scores and, for 2AFC, the single-layer sweep, the combination search and the fits.
 
@@ -141,11 +143,18 @@ def run_analyses(
         None skips the fits.
       l1_values: L1 penalties, one fit per net and value.
       fit_steps: optimiser steps per fit.
-      seed: seed of the fits.
+      seed: seed of the fits and the bootstrap.
+      bootstrap_resamples: resamples of the paired bootstrap intervals of
+        every metric's 2AFC scores (triplets resampled within categories); 0 skips them.
     """
     analyses = Analyses(metric_scores=score_metrics(table))
     if table.task != "2afc":
         return analyses
+
+    if bootstrap_resamples:
+        per_item = np.stack([result.per_item for result in analyses.metric_scores.values()])
+        analyses.intervals = scores.bootstrap_two_afc(
+            per_item, table.category, table.category_names, num_resamples=bootstrap_resamples, seed=seed)
 
     analyses.sweeps = [
         metric_search.single_layer_sweep(
@@ -187,6 +196,8 @@ def summary_dict(table: SplitTable, analyses: Analyses) -> dict[str, Any]:
         "score_unit": "2AFC agreement x100" if table.task == "2afc" else "JND average precision x100",
         "scores": {name: result.to_dict() for name, result in analyses.metric_scores.items()},
     }
+    if analyses.intervals is not None:
+        summary["bootstrap_intervals"] = analyses.intervals.to_dict(list(analyses.metric_scores))
     if analyses.sweeps is not None:
         summary["single_layer"] = [sweep.to_dict() for sweep in analyses.sweeps]
     if analyses.search is not None:

@@ -81,6 +81,7 @@ def test_2afc_run_writes_outputs_and_reuses_cache(tmp_path, data_dir, monkeypatc
     assert summary["cache"]["loaded"] == []
     assert len(summary["fitted_weightings"]) == 4
     assert "single_layer" in summary
+    assert "bootstrap_intervals" in summary
     assert "combinations" in summary
     report = open(os.path.join(out, "report.md")).read()
     assert "RANDOM backbone weights" in report
