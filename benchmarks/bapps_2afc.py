@@ -104,7 +104,8 @@ def main(argv):
     runners = [lpips_nets.net_runner(net, sources[net], version=FLAGS.lpips_version, device=FLAGS.device,
                                      trust=FLAGS.trust_checkpoints) for net in nets]
     infos = {net: bapps_report.NetInfo(lpips_nets.get_net(net).channels,
-                                       tuple(lpips_nets.load_linear_weights(net, FLAGS.lpips_version)))
+                                       tuple(lpips_nets.load_linear_weights(net, FLAGS.lpips_version)),
+                                       lpips_nets.get_net(net).tap_names)
              for net in nets}
 
     arrays, cache_report = _compute(data_dir, task, FLAGS.split, FLAGS.categories, runners)

@@ -22,10 +22,11 @@ from engine import calibration, lpips, metric_search, scores, store
 
 @dataclasses.dataclass(frozen=True)
 class NetInfo:
-    """A net's tap channel counts [L] and per-tap calibration weights ([C_l] each, None when not loaded)."""
+    """A net's tap channel counts [L], per-tap calibration weights ([C_l] each, None when not loaded) and tap names."""
 
     channels: tuple[int, ...]
     linear_weights: tuple[np.ndarray, ...] | None
+    tap_names: tuple[str, ...] | None = None
 
     @property
     def calibrated(self) -> np.ndarray | None:
@@ -159,7 +160,7 @@ def run_analyses(
     analyses.sweeps = [
         metric_search.single_layer_sweep(
             *table.profiles[net], table.labels, table.category, info.channels, info.calibrated,
-            category_names=table.category_names, net=net)
+            category_names=table.category_names, net=net, tap_names=info.tap_names)
         for net, info in nets.items()]
 
     names = default_search_metrics(table, list(nets)) if search_metrics is None else list(search_metrics)

@@ -48,6 +48,7 @@ class LpipsNet:
       taps: `features` indices whose outputs are the LPIPS taps, ascending.
       channels: channel count of each tap, [L].
       weights_enum: the torchvision ImageNet weights, as "Enum.MEMBER".
+      tap_names: [L] the names the `lpips` package gives the taps.
     """
 
     name: str
@@ -55,6 +56,7 @@ class LpipsNet:
     taps: tuple[int, ...]
     channels: tuple[int, ...]
     weights_enum: str
+    tap_names: tuple[str, ...]
 
     @property
     def num_channels(self) -> int:
@@ -67,11 +69,12 @@ class LpipsNet:
 
 NETS: dict[str, LpipsNet] = {
     "alex": LpipsNet("alex", "alexnet", (1, 4, 7, 9, 11), (64, 192, 384, 256, 256),
-                     "AlexNet_Weights.IMAGENET1K_V1"),
+                     "AlexNet_Weights.IMAGENET1K_V1", ("relu1", "relu2", "relu3", "relu4", "relu5")),
     "vgg": LpipsNet("vgg", "vgg16", (3, 8, 15, 22, 29), (64, 128, 256, 512, 512),
-                    "VGG16_Weights.IMAGENET1K_V1"),
+                    "VGG16_Weights.IMAGENET1K_V1", ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")),
     "squeeze": LpipsNet("squeeze", "squeezenet1_1", (1, 4, 7, 9, 10, 11, 12),
-                        (64, 128, 256, 384, 384, 512, 512), "SqueezeNet1_1_Weights.IMAGENET1K_V1"),
+                        (64, 128, 256, 384, 384, 512, 512), "SqueezeNet1_1_Weights.IMAGENET1K_V1",
+                        tuple(f"relu{k}" for k in range(1, 8))),
 }
 
 
