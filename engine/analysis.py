@@ -102,8 +102,8 @@ def participation(result: retrieval.SearchResult, mode: str, size: int) -> np.nd
 
 def single_outcomes(result: retrieval.SearchResult, mode: str) -> np.ndarray:
     """Return bool [M, N]: whether each single representation recalls each query at K = 1."""
-    ranks = result.modes[mode].ranks
-    return np.stack([ranks[result.row_of(1 << k)] == 0 for k in range(len(result.names))])
+    mode_result = result.modes[mode]
+    return np.stack([mode_result.ranks_of(1 << k) == 0 for k in range(len(result.names))])
 
 
 def exclusive_retrievals(outcomes: np.ndarray, names: Sequence[str]) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ similarity matrices. The full [M, N, G] stack is never materialised.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 
 import jax
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from engine import store
+from engine import distributed, store
 
 # Unit roundoff of float32.
 F32_EPS = 2.0 ** -24
@@ -32,6 +33,18 @@ def _normalize_rows(x: jax.Array) -> jax.Array:
 def _similarity_block(left_block: jax.Array, right: jax.Array) -> jax.Array:
     # [B, D] x [G, D] -> [B, G] at full float32 precision.
     return jnp.matmul(left_block, right.T, precision=jax.lax.Precision.HIGHEST)
+
+
+_SHARDED_SIMILARITY = {}
+
+
+def _sharded_similarity(topology: distributed.Topology):
+    key = topology.mesh
+    if key not in _SHARDED_SIMILARITY:
+        _SHARDED_SIMILARITY[key] = topology.per_device(
+            _similarity_block, in_specs=(distributed.P(distributed.AXIS, None), distributed.P()),
+            out_specs=distributed.P(distributed.AXIS, None))
+    return _SHARDED_SIMILARITY[key]
 
 
 @dataclasses.dataclass
@@ -74,6 +87,41 @@ class SimilaritySource:
             return jnp.stack([jnp.asarray(m[indices], dtype=jnp.float32) for m in self._matrices])
         return jnp.stack([
             _similarity_block(left[indices], right) for left, right in zip(self._left, self._right)])
+
+    def tile_rows(self, indices: np.ndarray, topology: distributed.Topology) -> jax.Array:
+        """Return float32 [M, len(indices), G] similarities, rows split over the local devices.
+
+        Each device computes its own [M, len(indices) / devices, G] block in
+        one program, so a row's values depend only on that block's row count
+        (XLA gives every row the same values at a fixed shape, whatever the
+        other rows are), never on the number of devices.
+        """
+        indices = np.asarray(indices)
+        if self._matrices is not None:
+            stacked = np.stack([np.asarray(m[indices], dtype=np.float32) for m in self._matrices])
+            return topology.shard(stacked, None, distributed.AXIS, None)
+        right = self._replicated_right(topology)
+        kernel = _sharded_similarity(topology)
+        return jnp.stack([kernel(topology.shard(np.asarray(left[indices]), distributed.AXIS, None), r)
+                          for left, r in zip(self._left, right)])
+
+    def _replicated_right(self, topology: distributed.Topology) -> tuple[jax.Array, ...]:
+        key = topology.mesh
+        cache = self.__dict__.setdefault("_right_on_mesh", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = tuple(jax.device_put(r, topology.sharding()) for r in self._right)
+        return cache[key]
+
+    def digest(self) -> str:
+        """Return a SHA-256 of the arrays behind the similarities (identifies the inputs)."""
+        digest = hashlib.sha256()
+        arrays = self._matrices if self._matrices is not None else self._left + self._right
+        for array in arrays:
+            array = np.ascontiguousarray(np.asarray(array))
+            digest.update(f"{array.shape}{array.dtype}".encode())
+            digest.update(array.tobytes())
+        return digest.hexdigest()
 
     def bytes_per_query_row(self) -> int:
         return 4 * self.num_members * self.num_gallery
