@@ -117,21 +117,22 @@ def local(devices: Sequence[jax.Device] | None = None) -> Topology:
                     process_count=jax.process_count())
 
 
-def initialize(coordinator_address: str, num_processes: int, process_id: int) -> None:
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
     """Join a multi-process run with `jax.distributed.initialize`.
 
     Must run before anything else touches JAX. On CPU, cross-process
-    collectives use gloo. Under SLURM or another cluster manager that JAX
-    detects, call `jax.distributed.initialize()` with no arguments instead.
+    collectives use gloo. With no arguments, JAX reads them from the cluster
+    manager (SLURM, Open MPI).
 
     Args:
       coordinator_address: "host:port" of process 0, reachable by every process.
       num_processes: total number of processes.
       process_id: this process, 0 <= process_id < num_processes.
     """
-    if not 0 <= process_id < num_processes:
+    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
         raise ValueError(f"process_id {process_id} is outside [0, {num_processes}).")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
-    logging.info("process %d of %d joined %s with %d local devices", jax.process_index(),
-                 jax.process_count(), coordinator_address, jax.local_device_count())
+    logging.info("process %d of %d joined with %d local devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count())

@@ -118,11 +118,12 @@ class RunCheckpoint:
     def _manager(self, stage: str) -> ocp.CheckpointManager:
         if stage not in self._managers:
             options = ocp.CheckpointManagerOptions(
-                max_to_keep=1, enable_async_checkpointing=False,
+                max_to_keep=1, enable_async_checkpointing=False, create=False,
                 # Each process saves its own rows, whenever its own interval says.
                 multiprocessing_options=ocp.options.MultiprocessingOptions(
                     primary_host=self.process_index, active_processes={self.process_index}))
             path = os.path.join(self.directory, f"process_{self.process_index}", stage)
+            os.makedirs(path, exist_ok=True)
             self._managers[stage] = ocp.CheckpointManager(path, options=options)
         return self._managers[stage]
 

@@ -143,6 +143,10 @@ class SearchResult:
       mean, std: float64 [M] population moments of each Φ_k.
       timings: seconds per stage.
       candidates_per_member: L used for pruning.
+      request: what the caller asked for: `max_subset_size` (None when
+        unlimited), `subset_list` (the explicit masks before the singles
+        were added, or None), `rank_subsets`, and the `devices` and
+        `processes` the run used.
     """
 
     names: tuple[str, ...]
@@ -155,6 +159,7 @@ class SearchResult:
     std: np.ndarray
     timings: dict[str, float]
     candidates_per_member: int
+    request: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def sizes(self) -> np.ndarray:
         return subsets.popcount(self.masks)
@@ -233,6 +238,7 @@ def search(
     progress: bool = True,
     topology: distributed.Topology | None = None,
     rank_subsets: int = 64,
+    keep_all_ranks: bool | None = None,
     checkpoint: resume.RunCheckpoint | None = None,
     input_fingerprint: Mapping[str, Any] | None = None,
 ) -> SearchResult:
@@ -256,6 +262,8 @@ def search(
       rank_subsets: when the per-query ranks of every subset do not fit the
         memory budget, ranks are kept for the single representations and
         this many leading subsets per mode (see ModeResult).
+      keep_all_ranks: force (True) or forgo (False) the per-query ranks of
+        every subset; default: whatever the memory budget allows.
       checkpoint: saves progress and resumes from it (see engine.resume).
       input_fingerprint: identifies the inputs in the checkpoint (e.g. file
         sizes and hashes); default: a hash of the source's arrays.
@@ -271,6 +279,9 @@ def search(
         raise ValueError(f"modes repeat in {list(modes)}.")
     if rank_subsets < 0:
         raise ValueError(f"rank_subsets must be >= 0, got {rank_subsets}.")
+    request = {"max_subset_size": max_subset_size,
+               "subset_list": None if masks is None else sorted({int(x) for x in np.asarray(masks).ravel()}),
+               "rank_subsets": rank_subsets}
     masks = _searched_masks(num_members, masks, max_subset_size)
     topology = topology or distributed.local()
 
@@ -280,6 +291,8 @@ def search(
     per_member = max(1, min(per_member, source.num_gallery - 1)) if source.num_gallery > 1 else 0
     tile = similarity_tile(source, budget)
     all_ranks = _check_budget(source, topology, len(modes), masks.size, per_member, k_max, budget)
+    if keep_all_ranks is not None:
+        all_ranks = keep_all_ranks
     if not all_ranks:
         logging.info("per-query ranks of all %d subsets do not fit the memory budget; keeping them for the "
                      "single representations and the %d leading subsets per mode", masks.size, rank_subsets)
@@ -313,6 +326,7 @@ def search(
         std=candidates.std,
         timings=timings,
         candidates_per_member=per_member,
+        request={**request, "devices": topology.num_shards, "processes": topology.process_count},
     )
 
 
