@@ -1,8 +1,8 @@
 """Running the subset search on every local device and on several processes.
 
 JAX's own runtime is the distributed engine. Inside a process, query rows
-are split over the local devices with `jax.shard_map` on a one-axis `Mesh`;
-every device runs the same per-device program on a block of the same shape,
+are split over the local devices with `jax.shard_map` on a one-axis `Mesh`.
+Every device runs the same per-device program on a block of the same shape,
 whatever the number of devices. Across processes (`jax.distributed`), each
 process takes a contiguous, tile-aligned slice of the query rows, and
 per-process results are combined with `multihost_utils.process_allgather`.
@@ -20,7 +20,7 @@ host in one fixed order.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import jax
 import numpy as np
@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXIS = "queries"
+_PER_DEVICE: dict[Hashable, Callable] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +62,20 @@ class Topology:
         return NamedSharding(self.mesh, P(*spec))
 
     def shard(self, array, *spec) -> jax.Array:
-        """Place a host array on the local devices, split as `spec` says."""
+        """Place a host array on the local devices, partitioned by `spec`."""
         return jax.device_put(array, self.sharding(*spec))
 
-    def per_device(self, fn: Callable, in_specs, out_specs) -> Callable:
-        """Return jit(shard_map(fn)): `fn` runs once per local device on its block."""
-        return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
-                                     check_vma=False))
+    def per_device(self, fn: Callable, in_specs, out_specs, *, key: Hashable) -> Callable:
+        """Return jit(shard_map(fn)): `fn` runs once per local device on its block.
+
+        `key` names `fn` with its static settings; one compiled function per
+        (mesh, key) is kept, so repeated sweeps do not compile again.
+        """
+        cache_key = (self.mesh, key)
+        if cache_key not in _PER_DEVICE:
+            _PER_DEVICE[cache_key] = jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs,
+                                                           out_specs=out_specs, check_vma=False))
+        return _PER_DEVICE[cache_key]
 
     def gather_rows(self, array: np.ndarray) -> np.ndarray:
         """Concatenate every process's array along axis 0, in process order.

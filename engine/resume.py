@@ -1,10 +1,12 @@
 """Checkpointed, resumable subset searches (orbax-checkpoint).
 
-A run's directory holds `fingerprint.json` (what the run computes: inputs,
-names, K values, modes, subsets, candidate count; see
-`engine.retrieval.search`) and, per process, one orbax CheckpointManager per
-stage: `process_P/candidates` (the similarity pass, saved once) and
-`process_P/mode_I` (progress of mode I, saved every `every_seconds`). Every
+A run's directory contains one folder per process P. `process_P/fingerprint.json`
+records what the run computes (inputs, names, K values, modes, subsets,
+candidate count; see `engine.retrieval.search`). One orbax CheckpointManager
+per stage stores `process_P/candidates` (the similarity pass, saved once) and
+`process_P/mode_I` (progress of mode I, saved every `every_seconds`). Each
+process reads and writes only its own files, so processes never wait on
+each other to save. Every
 saved state is a complete, consistent prefix of the work, so a run killed at
 any moment, even by SIGKILL, resumes from its last state and ends with
 outputs identical to an uninterrupted run.
@@ -18,6 +20,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -36,9 +39,9 @@ class RunCheckpoint:
 
     Args:
       directory: checkpoint directory (created when missing).
-      every_seconds: least time between two progress saves.
+      every_seconds: minimum time between two progress saves, in seconds.
       resume: continue the run recorded in `directory`; without it a
-        directory that already holds a run is rejected.
+        directory that already contains a run is rejected.
       process_index: this process (each process keeps its own states).
     """
 
@@ -59,15 +62,22 @@ class RunCheckpoint:
         Raises:
           ResumeError: a resume whose fingerprint differs (the message lists
             the differing entries), a resume with nothing to resume, or a
-            fresh run in a directory that already holds one.
+            fresh run in a directory that already contains one.
         """
+        # NOTE: orbax-checkpoint 0.12 writes numpy arrays only from process 0
+        # (NumpyHandler checks jax.process_index() == 0), so the other
+        # processes' rows would be lost; multi-process runs are rejected until
+        # their states are saved as jax.Arrays or gathered on process 0.
+        if jax.process_count() > 1:
+            raise ValueError(f"checkpoints of multi-process runs are not supported ({jax.process_count()} "
+                             "processes); run without --checkpoint_dir, or checkpoint single-process runs.")
         fingerprint = json.loads(json.dumps(dict(fingerprint), default=store._json_default))
-        path = os.path.join(self.directory, FINGERPRINT)
+        path = os.path.join(self._process_directory(), FINGERPRINT)
         if os.path.exists(path):
             with open(path) as f:
                 recorded = json.load(f)
             if not self.resume:
-                raise ResumeError(f"{self.directory} already holds a checkpointed run; pass --resume to "
+                raise ResumeError(f"{self.directory} already contains a checkpointed run. Pass --resume to "
                                   "continue it, or choose another --checkpoint_dir.")
             differing = sorted(k for k in set(recorded) | set(fingerprint) if recorded.get(k) != fingerprint.get(k))
             if differing:
@@ -79,13 +89,12 @@ class RunCheckpoint:
             logging.info("resuming the run checkpointed in %s", self.directory)
             return
         if self.resume:
-            raise ResumeError(f"--resume was given but {self.directory} holds no checkpointed run "
+            raise ResumeError(f"--resume was given, but {self.directory} contains no checkpointed run "
                               f"({FINGERPRINT} is missing); drop --resume to start one.")
-        if self.process_index == 0:
-            store.write_json(path, fingerprint)
+        store.write_json(path, fingerprint)
 
     def due(self) -> bool:
-        """Whether the interval since the last save has passed."""
+        """Return whether the interval since the last save has passed."""
         return time.monotonic() - self._last_save >= self.every_seconds
 
     def save(self, stage: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
@@ -115,16 +124,22 @@ class RunCheckpoint:
             arrays[name] = flat[:-1].astype(np.dtype(dtype)).reshape(shape)
         return arrays, info["meta"]
 
+    def _process_directory(self) -> str:
+        return os.path.join(self.directory, f"process_{self.process_index}")
+
     def _manager(self, stage: str) -> ocp.CheckpointManager:
         if stage not in self._managers:
-            options = ocp.CheckpointManagerOptions(
-                max_to_keep=1, enable_async_checkpointing=False, create=False,
-                # Each process saves its own rows, whenever its own interval says.
-                multiprocessing_options=ocp.options.MultiprocessingOptions(
-                    primary_host=self.process_index, active_processes={self.process_index}))
-            path = os.path.join(self.directory, f"process_{self.process_index}", stage)
+            # Each process saves its own rows when its own interval has passed,
+            # as the only (and primary) process of its checkpoints.
+            alone = ocp.options.MultiprocessingOptions(primary_host=self.process_index,
+                                                       active_processes={self.process_index})
+            options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, create=False,
+                                                   multiprocessing_options=alone)
+            handlers = {"arrays": ocp.StandardCheckpointHandler(multiprocessing_options=alone),
+                        "meta": ocp.JsonCheckpointHandler(multiprocessing_options=alone)}
+            path = os.path.join(self._process_directory(), stage)
             os.makedirs(path, exist_ok=True)
-            self._managers[stage] = ocp.CheckpointManager(path, options=options)
+            self._managers[stage] = ocp.CheckpointManager(path, options=options, item_handlers=handlers)
         return self._managers[stage]
 
 

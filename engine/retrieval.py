@@ -27,6 +27,15 @@ Algorithm (exact for the capped rank min(rank, K_max)).
    bound says no non-candidate can reach the match. The rare undecided pairs
    are recomputed over the whole gallery with the same kernel.
 
+Execution. Query rows split over the local devices (`jax.shard_map`) and
+over processes (`jax.distributed`); see engine.distributed for why the counts
+do not depend on either. The kernel evaluates the subset space in chunks of
+the high half-table, and memory holds per-subset counts plus per-query results
+for the current block only. When the per-query ranks of every subset do not
+fit the budget, they are kept for the singles and the leading subsets (see
+ModeResult). With a `resume.RunCheckpoint`, progress is saved between blocks
+and a run resumes from its last save.
+
 Near-ties. A decision is flagged as a near-tie when moving every score that
 lies within the float32 error bound of the match's score could change
 whether rank < K for some requested K. Off those, the result equals the
@@ -75,8 +84,8 @@ class Candidates:
         (−inf when the candidates are the whole gallery, +inf when the query
         had more candidates than fit, so that no bound holds).
       mean, std: float64 [M], population moments of each Φ_k over all N rows.
-      first_row: global index of the first query row held (a process holds
-        its own contiguous rows; the other fields cover those rows).
+      first_row: global index of the first query row. A process keeps its own
+        contiguous rows, and the other fields cover only those rows.
     """
 
     values: np.ndarray
@@ -371,7 +380,7 @@ def _fingerprint(source, ks, modes, weights, masks, per_member, tile, topology, 
 def similarity_tile(source: similarity.SimilaritySource, budget: int) -> int:
     """Rows of every similarity tile: set by the budget and the problem size, never the device count.
 
-    A step holds one tile per local device; tiles are sized so that up to
+    A step gives one tile to each local device, and tiles are sized so that up to
     MAX_LOCAL_DEVICES of them (about 3 copies of [M, rows, G] each) fit a
     quarter of the budget.
     """
@@ -494,7 +503,8 @@ def collect_candidates(
     axis = distributed.AXIS
     kernel = topology.per_device(
         partial(_candidate_block, **layout), in_specs=(P(None, axis, None), P(axis)),
-        out_specs=(P(axis), P(axis), P(axis), P(axis), P(axis), P(None, axis), P(None, axis)))
+        out_specs=(P(axis), P(axis), P(axis), P(axis), P(axis), P(None, axis), P(None, axis)),
+        key=("candidates",) + tuple(sorted(layout.items())))
     step = tile * topology.num_shards
     reporter = _Progress("similarity pass", local, enabled=progress)
     for start in range(first, last, step):
@@ -513,8 +523,11 @@ def collect_candidates(
     # A query with more candidates than capacity has no valid bound.
     upper[overflow] = np.inf
     # Candidates are packed first, so trailing slots that no query uses can go.
+    # The trimmed copy briefly doubles the largest array, so trim only when it saves a quarter.
     used = int(valid.sum(axis=1).max()) if local else 0
     width = min(capacity, max(1, -(-used // 32) * 32))
+    if width > 0.75 * capacity:
+        width = capacity
     mean, std = similarity.combine_row_moments(topology.gather_rows(row_mean).T, topology.gather_rows(row_m2).T, g)
     candidates = Candidates(values=np.ascontiguousarray(values[:, :, :width]),
                             valid=np.ascontiguousarray(valid[:, :width]),
@@ -707,7 +720,7 @@ def _kernel_block_rows(num_members: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _Context:
-    """What every sweep of a search shares."""
+    """Inputs and settings shared by every sweep of a search."""
 
     source: similarity.SimilaritySource
     candidates: Candidates
@@ -740,7 +753,7 @@ class _Counter:
             self.block = grid_block
             self.kernel = topology.per_device(
                 partial(count_block, low_members=low, ks=ks, high_count=high_count),
-                in_specs=row_spec + (P(),), out_specs=(P(axis),) * 3)
+                in_specs=row_spec + (P(),), out_specs=(P(axis),) * 3, key=("count_block", low, ks, high_count))
             self.parts = []
             for start in starts.tolist():
                 first, stop = start << low, (start + high_count) << low
@@ -750,7 +763,7 @@ class _Counter:
             width = min(masks.size, KERNEL_CELLS)
             self.block = max(1, min(256, KERNEL_CELLS // width))
             self.kernel = topology.per_device(partial(count_masks, ks=ks), in_specs=row_spec + (P(),),
-                                              out_specs=(P(axis),) * 3)
+                                              out_specs=(P(axis),) * 3, key=("count_masks", ks))
             self.parts = []
             for first in range(0, masks.size, width):
                 selected = np.arange(first, min(first + width, masks.size))
@@ -791,7 +804,7 @@ class _Counter:
 
 @dataclasses.dataclass
 class _Counts:
-    """What a sweep keeps: per-subset counts and the per-query ranks of the kept columns.
+    """Outputs of a sweep: per-subset counts and the per-query ranks of the kept columns.
 
     Attributes:
       recall: int64 [S, K] over this process's queries.

@@ -35,18 +35,6 @@ def _similarity_block(left_block: jax.Array, right: jax.Array) -> jax.Array:
     return jnp.matmul(left_block, right.T, precision=jax.lax.Precision.HIGHEST)
 
 
-_SHARDED_SIMILARITY = {}
-
-
-def _sharded_similarity(topology: distributed.Topology):
-    key = topology.mesh
-    if key not in _SHARDED_SIMILARITY:
-        _SHARDED_SIMILARITY[key] = topology.per_device(
-            _similarity_block, in_specs=(distributed.P(distributed.AXIS, None), distributed.P()),
-            out_specs=distributed.P(distributed.AXIS, None))
-    return _SHARDED_SIMILARITY[key]
-
-
 @dataclasses.dataclass
 class SimilaritySource:
     """Per-representation similarity rows for blocks of queries.
@@ -101,7 +89,9 @@ class SimilaritySource:
             stacked = np.stack([np.asarray(m[indices], dtype=np.float32) for m in self._matrices])
             return topology.shard(stacked, None, distributed.AXIS, None)
         right = self._replicated_right(topology)
-        kernel = _sharded_similarity(topology)
+        kernel = topology.per_device(
+            _similarity_block, in_specs=(distributed.P(distributed.AXIS, None), distributed.P()),
+            out_specs=distributed.P(distributed.AXIS, None), key="similarity")
         return jnp.stack([kernel(topology.shard(np.asarray(left[indices]), distributed.AXIS, None), r)
                           for left, r in zip(self._left, right)])
 
