@@ -164,12 +164,12 @@ def test_subset_list_matches_full_table():
 def test_resume_with_other_inputs_is_rejected(tmp_path):
     first = resume.RunCheckpoint(tmp_path / "run")
     first.bind({"ks": [1, 5], "modes": ["raw"], "inputs": {"a": 1}})
-    with pytest.raises(resume.ResumeError, match="pass --resume"):
+    with pytest.raises(resume.ResumeError, match="Pass --resume"):
         resume.RunCheckpoint(tmp_path / "run").bind({"ks": [1, 5], "modes": ["raw"], "inputs": {"a": 1}})
     with pytest.raises(resume.ResumeError, match=r"differ \(ks: checkpoint \[1, 5\], now \[1, 10\]; modes"):
         resume.RunCheckpoint(tmp_path / "run", resume=True).bind(
             {"ks": [1, 10], "modes": ["raw", "standardized"], "inputs": {"a": 1}})
-    with pytest.raises(resume.ResumeError, match="holds no checkpointed run"):
+    with pytest.raises(resume.ResumeError, match="contains no checkpointed run"):
         resume.RunCheckpoint(tmp_path / "other", resume=True).bind({"ks": [1]})
     resume.RunCheckpoint(tmp_path / "run", resume=True).bind({"ks": [1, 5], "modes": ["raw"], "inputs": {"a": 1}})
 
@@ -245,12 +245,16 @@ def test_killed_run_resumes_to_identical_outputs(tmp_path):
     run.wait()
     assert not (tmp_path / "killed" / "summary.json").exists()
 
-    resumed = subprocess.run(_cli(features, tmp_path / "resumed", *flags, "--resume"), cwd=ROOT,
-                             env=_environment(), capture_output=True, text=True, timeout=120)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "restored" in resumed.stderr
-    subprocess.run(_cli(features, tmp_path / "plain"), cwd=ROOT, env=_environment(), check=True, timeout=120,
-                   capture_output=True)
+    # The resumed and the uninterrupted run go side by side to save time.
+    resumed = subprocess.Popen(_cli(features, tmp_path / "resumed", *flags, "--resume"), cwd=ROOT,
+                               env=_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    plain = subprocess.Popen(_cli(features, tmp_path / "plain"), cwd=ROOT, env=_environment(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, plain_log = plain.communicate(timeout=120)
+    _, resumed_log = resumed.communicate(timeout=120)
+    assert plain.returncode == 0, plain_log[-3000:]
+    assert resumed.returncode == 0, resumed_log[-3000:]
+    assert "restored" in resumed_log
     resumed_table, resumed_summary = _outputs(tmp_path / "resumed")
     plain_table, plain_summary = _outputs(tmp_path / "plain")
     assert resumed_table == plain_table
