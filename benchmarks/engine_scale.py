@@ -107,9 +107,9 @@ def _run_case(queries: int, members: int, *, devices: int = 1) -> dict:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""
     logging.info("running N = %d, M = %d on %d device(s)", queries, members, devices)
     done = subprocess.run([sys.executable, "-m", "benchmarks.engine_scale", f"--worker={json.dumps(settings)}"],
-                          env=env, capture_output=True, text=True)
+                          env=env, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"case N = {queries}, M = {members}, devices = {devices} failed:\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"case N = {queries}, M = {members}, devices = {devices} failed (its log is above).")
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     figures["within_budget"] = figures["peak_rss_gb"] <= figures["budget_gb"]
     logging.info("N = %d, M = %d, %d device(s): %.1f s, peak RSS %.2f GB (budget %.1f GB)", queries, members,
