@@ -58,6 +58,17 @@ class Topology:
         last = num_tiles * (self.process_index + 1) // self.process_count
         return min(first * tile, num_rows), min(last * tile, num_rows)
 
+    def leading(self, count: int) -> "Topology":
+        """Return this topology restricted to its first `count` local devices (at least one).
+
+        A step with fewer tiles than devices runs on fewer devices instead of
+        computing padding tiles; each device still runs the same program.
+        """
+        count = max(1, min(count, self.num_shards))
+        if count == self.num_shards:
+            return self
+        return dataclasses.replace(self, mesh=Mesh(self.mesh.devices[:count], (AXIS,)))
+
     def sharding(self, *spec) -> NamedSharding:
         return NamedSharding(self.mesh, P(*spec))
 

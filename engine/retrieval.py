@@ -501,19 +501,23 @@ def collect_candidates(
     row_mean = np.empty((local, m), np.float32)
     row_m2 = np.empty((local, m), np.float32)
     axis = distributed.AXIS
-    kernel = topology.per_device(
-        partial(_candidate_block, **layout), in_specs=(P(None, axis, None), P(axis)),
-        out_specs=(P(axis), P(axis), P(axis), P(axis), P(axis), P(None, axis), P(None, axis)),
-        key=("candidates",) + tuple(sorted(layout.items())))
+
+    def kernel_on(devices: distributed.Topology):
+        return devices.per_device(
+            partial(_candidate_block, **layout), in_specs=(P(None, axis, None), P(axis)),
+            out_specs=(P(axis), P(axis), P(axis), P(axis), P(axis), P(None, axis), P(None, axis)),
+            key=("candidates",) + tuple(sorted(layout.items())))
+
     step = tile * topology.num_shards
     reporter = _Progress("similarity pass", local, enabled=progress)
     for start in range(first, last, step):
         stop = min(start + step, last)
         rows = stop - start
-        # Padding repeats the last row; every device gets a full tile.
-        indices = np.minimum(np.arange(start, start + step), stop - 1).astype(np.int32)
-        phi = source.tile_rows(indices, topology)
-        out = jax.device_get(kernel(phi, topology.shard(indices, axis)))
+        # Padding repeats the last row; every device used gets a full tile.
+        devices = topology.leading(-(-rows // tile))
+        indices = np.minimum(np.arange(start, start + tile * devices.num_shards), stop - 1).astype(np.int32)
+        phi = source.tile_rows(indices, devices)
+        out = jax.device_get(kernel_on(devices)(phi, devices.shard(indices, axis)))
         here = slice(start - first, stop - first)
         values[here], valid[here] = out[0][:rows], out[1][:rows]
         diagonal[here], upper[here] = out[2][:rows], out[3][:rows]
@@ -909,9 +913,10 @@ def _resolve_undecided(context: _Context, fixed: FixedPoint, counter: _Counter, 
     for group_start in range(0, len(pending), group):
         members = pending[group_start:group_start + group]
         rows = np.array([row for row, _ in members])
-        indices = np.full(group, rows[-1] + first_row, np.int32)
+        devices = topology.leading(-(-rows.size // context.tile))
+        indices = np.full(context.tile * devices.num_shards, rows[-1] + first_row, np.int32)
         indices[:rows.size] = rows + first_row
-        phi = np.asarray(jax.device_get(source.tile_rows(indices, topology)))       # [M, group, G]
+        phi = np.asarray(jax.device_get(source.tile_rows(indices, devices)))         # [M, tiles, G]
         for start in range(0, rows.size, counter.step_rows):
             part = slice(start, min(start + counter.step_rows, rows.size))
             block_rows = rows[part]

@@ -96,12 +96,23 @@ class SimilaritySource:
                           for left, r in zip(self._left, right)])
 
     def _replicated_right(self, topology: distributed.Topology) -> tuple[jax.Array, ...]:
-        key = topology.mesh
+        """Return the gallery features replicated on the topology's devices (cached per mesh).
+
+        A mesh over some of the devices of a cached mesh reuses that mesh's
+        copies instead of copying the features again.
+        """
         cache = self.__dict__.setdefault("_right_on_mesh", {})
-        if key not in cache:
-            cache.clear()
-            cache[key] = tuple(jax.device_put(r, topology.sharding()) for r in self._right)
-        return cache[key]
+        if topology.mesh not in cache:
+            devices = set(topology.mesh.devices.flat)
+            base = next((arrays for mesh, arrays in cache.items() if devices <= set(mesh.devices.flat)), None)
+            if base is None:
+                cache[topology.mesh] = tuple(jax.device_put(r, topology.sharding()) for r in self._right)
+            else:
+                cache[topology.mesh] = tuple(
+                    jax.make_array_from_single_device_arrays(
+                        a.shape, topology.sharding(), [s.data for s in a.addressable_shards if s.device in devices])
+                    for a in base)
+        return cache[topology.mesh]
 
     def digest(self) -> str:
         """Return a SHA-256 of the arrays behind the similarities (identifies the inputs)."""
