@@ -8,13 +8,15 @@ process takes a contiguous, tile-aligned slice of the query rows, and
 per-process results are combined with `multihost_utils.process_allgather`.
 
 Determinism. Results are the same for every device and process count, bit
-for bit, because (1) similarity rows are always computed in tiles of one
-fixed row count, chosen from the memory budget and the problem size only,
-never from the device count, so each row goes through the same XLA program;
-(2) everything after the similarities is int32 fixed point, which is exact in
-any order and block shape; (3) reductions that feed a result (the moments
-behind the standardisation weights) are gathered per row and combined on the
-host in one fixed order.
+for bit, for three reasons:
+
+1. Similarity rows are always computed in tiles of one row count, chosen from
+   the memory budget and the problem size only. Each row therefore goes
+   through the same XLA program, whatever the number of devices.
+2. Everything after the similarities is int32 fixed point, which is exact in
+   any order and block shape.
+3. The moments behind the standardisation weights are gathered per row and
+   combined on the host in one fixed order.
 """
 
 from __future__ import annotations
