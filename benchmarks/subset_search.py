@@ -16,7 +16,17 @@ On Totally-Looks-Like with the representations whose weights are present:
   python -m benchmarks.subset_search --dataset=tll --data_dir=TLL \
       --weights_dir=WEIGHTS --representations=paper
 
-Writes OUT/subsets.csv, OUT/summary.json, OUT/report.md and PNG figures.
+Long runs checkpoint and resume (outputs equal an uninterrupted run):
+
+  python -m benchmarks.subset_search --features_dir=FEATURES --out_dir=OUT \
+      --checkpoint_dir=CKPT --checkpoint_every_seconds=600 [--resume]
+
+Every local device is used; several hosts run one process each with
+--coordinator_address, --num_processes and --process_id (or
+--distributed=auto under SLURM); see docs/scale.md.
+
+Writes OUT/subsets.csv, OUT/summary.json, OUT/report.md and PNG figures
+(process 0 writes them).
 Bootstrap intervals, paired tests against the best subset and cross-validated
 selection are on by default (--bootstrap=1000 --confidence=0.95 --cv_folds=5
 --seed=0; set --bootstrap=0 --cv_folds=0 to skip them). --fit_weights adds
@@ -26,13 +36,15 @@ held-out folds.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
 
 from absl import app, flags, logging
 
-from engine import analysis, report, retrieval, search_statistics, similarity, store, subsets, weight_fit
+from engine import (analysis, distributed, report, resume, retrieval, search_statistics, similarity, store,
+                    subsets, weight_fit)
 
 FLAGS = flags.FLAGS
 
@@ -54,6 +66,19 @@ flags.DEFINE_float("memory_budget_gb", 4.0, "Bound on the search's working memor
 flags.DEFINE_integer("candidates_per_member", None,
                      "Top items per representation kept per query for pruning (default max(128, 4 K_max)). "
                      "Changes speed only, never results.")
+flags.DEFINE_integer("rank_subsets", 64,
+                     "When the per-query ranks of every subset do not fit --memory_budget_gb, keep them for "
+                     "the single representations and this many leading subsets per mode (second pass).")
+flags.DEFINE_string("checkpoint_dir", None, "Save progress here (orbax) so that an interrupted run can resume.")
+flags.DEFINE_float("checkpoint_every_seconds", 300.0, "Least time between two progress checkpoints.")
+flags.DEFINE_bool("resume", False, "Continue the run checkpointed in --checkpoint_dir; its inputs and flags "
+                  "must be the same.")
+flags.DEFINE_enum("distributed", "off", ["off", "explicit", "auto"],
+                  "Multi-process run: 'explicit' joins with --coordinator_address, --num_processes and "
+                  "--process_id; 'auto' lets JAX read them from the cluster (SLURM, Open MPI).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for --distributed=explicit.")
+flags.DEFINE_integer("num_processes", None, "Number of processes, for --distributed=explicit.")
+flags.DEFINE_integer("process_id", None, "This process, 0..num_processes-1, for --distributed=explicit.")
 flags.DEFINE_integer("top", 20, "Number of leading subsets listed per mode.")
 flags.DEFINE_bool("figures", True, "Write PNG figures.")
 flags.DEFINE_enum("dataset", "demo", ["demo", "tll", "pairs"],
@@ -147,10 +172,25 @@ def run() -> dict[str, str]:
 
     start = time.perf_counter()
     source = similarity.from_features(features)
+    # The source keeps normalised copies; dropping the host arrays frees their memory.
+    features = dataclasses.replace(features, left=(), right=())
+    topology = distributed.local()
+    checkpoint = None
+    fingerprint = None
+    if FLAGS.checkpoint_dir:
+        checkpoint = resume.RunCheckpoint(FLAGS.checkpoint_dir, every_seconds=FLAGS.checkpoint_every_seconds,
+                                          resume=FLAGS.resume, process_index=topology.process_index)
+        fingerprint = store.files_fingerprint(features.source, features.names)
+    elif FLAGS.resume:
+        raise _InputError("--resume needs --checkpoint_dir, the directory of the run to continue.")
     result = retrieval.search(
         source, ks=ks, modes=FLAGS.modes, masks=masks, max_subset_size=FLAGS.max_subset_size,
-        memory_budget_gb=FLAGS.memory_budget_gb, candidates_per_member=FLAGS.candidates_per_member)
+        memory_budget_gb=FLAGS.memory_budget_gb, candidates_per_member=FLAGS.candidates_per_member,
+        topology=topology, rank_subsets=FLAGS.rank_subsets, checkpoint=checkpoint, input_fingerprint=fingerprint)
     result.timings["total_search"] = time.perf_counter() - start
+    if topology.process_index != 0:
+        logging.info("process %d done; process 0 writes the outputs", topology.process_index)
+        return {}
     analyses = analysis.analyse(result, top=FLAGS.top)
     analyses = _add_statistics(source, result, analyses)
 
@@ -171,6 +211,17 @@ def run() -> dict[str, str]:
     return paths
 
 
+def _join_processes() -> None:
+    if FLAGS.distributed == "auto":
+        distributed.initialize()
+    elif FLAGS.distributed == "explicit":
+        missing = [name for name in ("coordinator_address", "num_processes", "process_id")
+                   if getattr(FLAGS, name) is None]
+        if missing:
+            raise _InputError(f"--distributed=explicit needs {', '.join('--' + m for m in missing)}.")
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -180,6 +231,7 @@ def main(argv: list[str]) -> None:
         print(registry.describe(FLAGS.weights_dir))
         return
     try:
+        _join_processes()
         run()
     except (_InputError, store.FeatureStoreError, ValueError, KeyError, MemoryError, FileNotFoundError,
             RuntimeError) as e:

@@ -26,6 +26,34 @@ def subset_order(recall: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return np.lexsort(keys)
 
 
+def reported_rows(recall: np.ndarray, masks: np.ndarray, num_members: int, *, top: int) -> np.ndarray:
+    """Return the rows of every subset `analyse` reports: the `top` leading subsets, the best of
+    each size, and the subsets the ablation of the best one compares with.
+
+    Args:
+      recall: int [S, K] recall counts of one mode.
+      masks: int64 [S] the searched subsets.
+      num_members: M.
+      top: number of leading subsets.
+    """
+    order = subset_order(recall, masks)
+    sizes = subsets.popcount(masks)
+    rows = set(order[:top].tolist())
+    ordered_sizes = sizes[order]
+    for size in np.unique(sizes).tolist():
+        rows.add(int(order[np.argmax(ordered_sizes == size)]))
+    best = int(masks[order[0]])
+    best_size = int(sizes[order[0]])
+    for member in subsets.mask_members(best, num_members):
+        lacks = (masks[order] >> member) & 1 == 0
+        for size in (best_size, best_size - 1):
+            candidates = np.flatnonzero(lacks & (ordered_sizes == size))
+            if candidates.size:
+                rows.add(int(order[candidates[0]]))
+                break
+    return np.array(sorted(rows), dtype=np.int64)
+
+
 def describe_subset(result: retrieval.SearchResult, mode: str, row: int) -> dict[str, Any]:
     """Return the JSON record of one subset: mask, size, names and recall counts."""
     mask = int(result.masks[row])
@@ -102,8 +130,8 @@ def participation(result: retrieval.SearchResult, mode: str, size: int) -> np.nd
 
 def single_outcomes(result: retrieval.SearchResult, mode: str) -> np.ndarray:
     """Return bool [M, N]: whether each single representation recalls each query at K = 1."""
-    ranks = result.modes[mode].ranks
-    return np.stack([ranks[result.row_of(1 << k)] == 0 for k in range(len(result.names))])
+    mode_result = result.modes[mode]
+    return np.stack([mode_result.ranks_of(1 << k) == 0 for k in range(len(result.names))])
 
 
 def exclusive_retrievals(outcomes: np.ndarray, names: Sequence[str]) -> list[dict[str, Any]]:

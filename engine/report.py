@@ -47,10 +47,31 @@ def subsets_csv(result: retrieval.SearchResult) -> str:
     return buffer.getvalue()
 
 
+def searched(result: retrieval.SearchResult) -> dict[str, Any]:
+    """Return the summary's account of what was searched and which per-query ranks were kept."""
+    request = result.request
+    listed = request.get("subset_list")
+    sizes, counts = np.unique(result.sizes(), return_counts=True)
+    return {
+        "num_subsets": int(result.masks.size),
+        "all_subsets": bool(result.masks.size == (1 << len(result.names)) - 1),
+        "max_subset_size": int(result.sizes().max()),
+        "max_subset_size_limit": request.get("max_subset_size"),
+        "subset_list": None if listed is None else [subsets.mask_label(m, result.names) for m in listed],
+        "subsets_per_size": {str(int(size)): int(count) for size, count in zip(sizes, counts)},
+        "singles_always_included": True,
+        "per_query_ranks": {
+            mode: ("all searched subsets" if mode_result.rank_masks is None
+                   or np.array_equal(mode_result.rank_masks, result.masks)
+                   else [subsets.mask_label(int(m), result.names) for m in mode_result.rank_masks])
+            for mode, mode_result in result.modes.items()
+        },
+    }
+
+
 def summary(result: retrieval.SearchResult, analyses: Mapping[str, Any], *,
             extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Return the summary.json document."""
-    searched_all = result.masks.size == (1 << len(result.names)) - 1
     return {
         "representations": list(result.names),
         "num_queries": result.num_queries,
@@ -64,14 +85,12 @@ def summary(result: retrieval.SearchResult, analyses: Mapping[str, Any], *,
             }
             for mode, mode_result in result.modes.items()
         },
-        "searched": {
-            "num_subsets": int(result.masks.size),
-            "all_subsets": bool(searched_all),
-            "max_subset_size": int(result.sizes().max()),
-        },
+        "searched": searched(result),
         "similarity_mean": result.mean.tolist(),
         "similarity_std": result.std.tolist(),
         "candidates_per_member": result.candidates_per_member,
+        "execution": {"devices_per_process": result.request.get("devices"),
+                      "processes": result.request.get("processes")},
         "analyses": dict(analyses),
         "timings_seconds": dict(result.timings),
         "versions": library_versions(),

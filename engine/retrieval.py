@@ -27,6 +27,15 @@ Algorithm (exact for the capped rank min(rank, K_max)).
    bound says no non-candidate can reach the match. The rare undecided pairs
    are recomputed over the whole gallery with the same kernel.
 
+Execution. Query rows split over the local devices (`jax.shard_map`) and
+over processes (`jax.distributed`); see engine.distributed for why the counts
+do not depend on either. The kernel evaluates the subset space in chunks of
+the high half-table, and memory holds per-subset counts plus per-query results
+for the current block only. When the per-query ranks of every subset do not
+fit the budget, they are kept for the singles and the leading subsets (see
+ModeResult). With a `resume.RunCheckpoint`, progress is saved between blocks
+and a run resumes from its last save.
+
 Near-ties. A decision is flagged as a near-tie when moving every score that
 lies within the float32 error bound of the match's score could change
 whether rank < K for some requested K. Off those, the result equals the
@@ -36,17 +45,19 @@ float64 brute-force reference in `engine.reference`.
 from __future__ import annotations
 
 import dataclasses
-import math
+import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import PartitionSpec as P
 
-from engine import similarity, subsets
+from engine import distributed, resume, similarity, subsets
 
 RAW = "raw"
 STANDARDIZED = "standardized"
@@ -57,6 +68,8 @@ INT32_MAX = 2 ** 31 - 1
 # float32 tree reductions over G terms (about log2(G) roundoffs) combined in
 # float64; 2^-19 leaves a margin of about 16x at G = 10^4.
 STD_RELATIVE_ERROR = 2.0 ** -19
+# Similarity tiles are sized so that this many local devices fit the budget.
+MAX_LOCAL_DEVICES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +83,9 @@ class Candidates:
       upper: float32 [N, M], bound on Φ_k(i, j) for every non-candidate j
         (−inf when the candidates are the whole gallery, +inf when the query
         had more candidates than fit, so that no bound holds).
-      mean, std: float64 [M], population moments of each Φ_k.
+      mean, std: float64 [M], population moments of each Φ_k over all N rows.
+      first_row: global index of the first query row. A process keeps its own
+        contiguous rows, and the other fields cover only those rows.
     """
 
     values: np.ndarray
@@ -79,6 +94,7 @@ class Candidates:
     upper: np.ndarray
     mean: np.ndarray
     std: np.ndarray
+    first_row: int = 0
 
 
 @dataclasses.dataclass
@@ -89,11 +105,19 @@ class ModeResult:
       name: mode name.
       weights: float64 [M] weights used.
       recall: int64 [S, len(ks)], queries recalled at each K.
-      ranks: uint8 or uint16 [S, N], min(rank, K_max) per query.
+      ranks: uint8 or uint16 [R, N], min(rank, K_max) per query for the
+        subsets `rank_masks`. When the ranks of all S subsets fit the memory
+        budget, R = S and `rank_masks` equals SearchResult.masks, so row s
+        of `ranks` is row s of `recall`. Otherwise R covers the single
+        representations and the `rank_subsets` leading subsets of this mode
+        (analysis order), computed in a second pass over just those subsets;
+        look rows up with `ranks_of`.
       near_ties: int64 [S], queries whose decision is within float32 rounding.
-      near_tie_pairs: int64 [P, 2], the (subset row, query) of every near-tie.
+      near_tie_pairs: int64 [P, 2], the (subset row, query) of every near-tie
+        in a subset of `rank_masks` (subset row indexes SearchResult.masks).
       undecided_pairs: (query, subset) pairs recomputed over the whole gallery.
       seconds: wall time of this mode's evaluation.
+      rank_masks: int64 [R], ascending, the subsets that have rows in `ranks`.
     """
 
     name: str
@@ -104,6 +128,15 @@ class ModeResult:
     near_tie_pairs: np.ndarray
     undecided_pairs: int
     seconds: float
+    rank_masks: np.ndarray | None = None
+
+    def ranks_of(self, mask: int) -> np.ndarray:
+        """Return the ranks [N] of subset `mask`; KeyError when they were not kept."""
+        row = int(np.searchsorted(self.rank_masks, mask))
+        if row >= len(self.rank_masks) or self.rank_masks[row] != mask:
+            raise KeyError(f"per-query ranks of subset mask {mask} were not kept (the ranks of every subset "
+                           "did not fit the memory budget); raise --memory_budget_gb or --rank_subsets.")
+        return self.ranks[row]
 
 
 @dataclasses.dataclass
@@ -119,6 +152,10 @@ class SearchResult:
       mean, std: float64 [M] population moments of each Φ_k.
       timings: seconds per stage.
       candidates_per_member: L used for pruning.
+      request: what the caller asked for: `max_subset_size` (None when
+        unlimited), `subset_list` (the explicit masks before the singles
+        were added, or None), `rank_subsets`, and the `devices` and
+        `processes` the run used.
     """
 
     names: tuple[str, ...]
@@ -131,6 +168,7 @@ class SearchResult:
     std: np.ndarray
     timings: dict[str, float]
     candidates_per_member: int
+    request: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def sizes(self) -> np.ndarray:
         return subsets.popcount(self.masks)
@@ -207,6 +245,11 @@ def search(
     memory_budget_gb: float = 4.0,
     candidates_per_member: int | None = None,
     progress: bool = True,
+    topology: distributed.Topology | None = None,
+    rank_subsets: int = 64,
+    keep_all_ranks: bool | None = None,
+    checkpoint: resume.RunCheckpoint | None = None,
+    input_fingerprint: Mapping[str, Any] | None = None,
 ) -> SearchResult:
     """Compute recall@K of every requested subset in every mode.
 
@@ -223,9 +266,19 @@ def search(
         costs more per query but leaves fewer (query, subset) pairs for the
         whole-gallery recomputation.
       progress: log progress with rate and time left.
+      topology: devices and processes to run on (default: every local device
+        of this process; see engine.distributed). Results do not depend on it.
+      rank_subsets: when the per-query ranks of every subset do not fit the
+        memory budget, ranks are kept for the single representations and
+        this many leading subsets per mode (see ModeResult).
+      keep_all_ranks: force (True) or forgo (False) the per-query ranks of
+        every subset; default: whatever the memory budget allows.
+      checkpoint: saves progress and resumes from it (see engine.resume).
+      input_fingerprint: identifies the inputs in the checkpoint (e.g. file
+        sizes and hashes); default: a hash of the source's arrays.
 
     Returns:
-      A SearchResult.
+      A SearchResult, the same on every process.
     """
     num_members = source.num_members
     ks = validate_ks(ks, source.num_gallery)
@@ -233,6 +286,60 @@ def search(
         raise ValueError("no mode requested; use raw and/or standardized.")
     if len(set(modes)) != len(modes):
         raise ValueError(f"modes repeat in {list(modes)}.")
+    if rank_subsets < 0:
+        raise ValueError(f"rank_subsets must be >= 0, got {rank_subsets}.")
+    request = {"max_subset_size": max_subset_size,
+               "subset_list": None if masks is None else sorted({int(x) for x in np.asarray(masks).ravel()}),
+               "rank_subsets": rank_subsets}
+    masks = _searched_masks(num_members, masks, max_subset_size)
+    topology = topology or distributed.local()
+
+    budget = int(memory_budget_gb * 2 ** 30)
+    k_max = ks[-1]
+    per_member = candidates_per_member or max(128, 4 * k_max)
+    per_member = max(1, min(per_member, source.num_gallery - 1)) if source.num_gallery > 1 else 0
+    tile = similarity_tile(source, budget)
+    all_ranks = _check_budget(source, topology, len(modes), masks.size, per_member, k_max, budget)
+    if keep_all_ranks is not None:
+        all_ranks = keep_all_ranks
+    if not all_ranks:
+        logging.info("per-query ranks of all %d subsets do not fit the memory budget; keeping them for the "
+                     "single representations and the %d leading subsets per mode", masks.size, rank_subsets)
+    if checkpoint is not None:
+        checkpoint.bind(_fingerprint(source, ks, modes, weights, masks, per_member, tile, topology,
+                                     all_ranks, rank_subsets, input_fingerprint))
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    candidates = collect_candidates(source, per_member, budget=budget, progress=progress, topology=topology,
+                                    tile=tile, checkpoint=checkpoint)
+    timings["similarity_and_candidates"] = time.perf_counter() - start
+
+    mode_weights = resolve_mode_weights(modes, source.names, candidates.std, weights)
+    context = _Context(source=source, candidates=candidates, ks=ks, topology=topology, tile=tile,
+                       progress=progress, checkpoint=checkpoint)
+    results = {}
+    for index, (mode, mode_weight) in enumerate(mode_weights.items()):
+        start = time.perf_counter()
+        results[mode] = _evaluate_mode(context, mode, mode_weight, masks, stage=f"mode_{index}",
+                                       all_ranks=all_ranks, rank_subsets=rank_subsets)
+        timings[f"mode_{mode}"] = time.perf_counter() - start
+    return SearchResult(
+        names=source.names,
+        num_queries=source.num_queries,
+        num_gallery=source.num_gallery,
+        ks=ks,
+        masks=masks,
+        modes=results,
+        mean=candidates.mean,
+        std=candidates.std,
+        timings=timings,
+        candidates_per_member=per_member,
+        request={**request, "devices": topology.num_shards, "processes": topology.process_count},
+    )
+
+
+def _searched_masks(num_members: int, masks: np.ndarray | None, max_subset_size: int | None) -> np.ndarray:
     all_subset_masks = subsets.all_masks(num_members)
     if masks is None:
         masks = subsets.all_masks(num_members, max_size=max_subset_size)
@@ -246,51 +353,58 @@ def search(
         raise ValueError("no subset left to search; check max_subset_size and the subset list.")
     # Single representations are always searched: the exclusive-retrieval and
     # oracle analyses need their per-query outcomes, and they cost nothing extra.
-    masks = np.union1d(masks, 1 << np.arange(num_members, dtype=np.int64))
-
-    budget = int(memory_budget_gb * 2 ** 30)
-    k_max = ks[-1]
-    per_member = candidates_per_member or max(128, 4 * k_max)
-    per_member = max(1, min(per_member, source.num_gallery - 1)) if source.num_gallery > 1 else 0
-    _check_budget(source, len(modes), masks.size, per_member, k_max, budget)
-
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    candidates = collect_candidates(source, per_member, budget=budget, progress=progress)
-    timings["similarity_and_candidates"] = time.perf_counter() - start
-
-    mode_weights = resolve_mode_weights(modes, source.names, candidates.std, weights)
-    results = {}
-    for mode, mode_weight in mode_weights.items():
-        start = time.perf_counter()
-        results[mode] = _evaluate_mode(
-            source, candidates, mode, mode_weight, ks, masks, budget=budget, progress=progress)
-        timings[f"mode_{mode}"] = time.perf_counter() - start
-    return SearchResult(
-        names=source.names,
-        num_queries=source.num_queries,
-        num_gallery=source.num_gallery,
-        ks=ks,
-        masks=masks,
-        modes=results,
-        mean=candidates.mean,
-        std=candidates.std,
-        timings=timings,
-        candidates_per_member=per_member,
-    )
+    return np.union1d(masks, 1 << np.arange(num_members, dtype=np.int64))
 
 
-def _check_budget(source, num_modes, num_masks, per_member, k_max, budget) -> None:
+def _fingerprint(source, ks, modes, weights, masks, per_member, tile, topology, all_ranks, rank_subsets,
+                 input_fingerprint) -> dict[str, Any]:
+    """What a checkpointed run computes; a resume must match every entry."""
+    if input_fingerprint is None:
+        input_fingerprint = {"source_sha256": source.digest()}
+    return {
+        "inputs": dict(input_fingerprint),
+        "names": list(source.names),
+        "num_queries": source.num_queries,
+        "num_gallery": source.num_gallery,
+        "ks": list(ks),
+        "modes": list(modes),
+        "custom_weights": {k: [float(x) for x in v] for k, v in sorted((weights or {}).items())},
+        "masks": {"count": int(masks.size), "sha256": hashlib.sha256(masks.tobytes()).hexdigest()},
+        "candidates_per_member": per_member,
+        "similarity_tile_rows": tile,
+        "process_count": topology.process_count,
+        "ranks": "all subsets" if all_ranks else f"singles and {rank_subsets} leading subsets",
+    }
+
+
+def similarity_tile(source: similarity.SimilaritySource, budget: int) -> int:
+    """Rows of every similarity tile: set by the budget and the problem size, never the device count.
+
+    A step gives one tile to each local device, and tiles are sized so that up to
+    MAX_LOCAL_DEVICES of them (about 3 copies of [M, rows, G] each) fit a
+    quarter of the budget.
+    """
+    rows = _block_rows(3 * source.bytes_per_query_row(), budget, maximum=256,
+                       fraction=0.25 / MAX_LOCAL_DEVICES)
+    return max(1, min(rows, source.num_queries))
+
+
+def _check_budget(source, topology, num_modes, num_masks, per_member, k_max, budget) -> bool:
+    """Reject runs whose fixed memory exceeds the budget; return whether all per-query ranks fit."""
+    local_queries = -(-source.num_queries // topology.process_count)
     num_candidates = per_member * source.num_members
-    candidate_bytes = source.num_queries * (source.num_members * (num_candidates + 2) * 4 + num_candidates)
-    rank_bytes = num_modes * num_masks * source.num_queries * (1 if k_max < 256 else 2)
-    fixed = source.resident_bytes() + candidate_bytes + rank_bytes
+    candidate_bytes = local_queries * (source.num_members * (num_candidates + 2) * 4 + num_candidates)
+    # The gallery side is replicated on every local device.
+    resident = source.resident_bytes() * (1 + topology.num_shards)
+    fixed = resident + candidate_bytes
     if fixed > budget:
         raise MemoryError(
-            f"the search needs about {fixed / 2**30:.2f} GB (features {source.resident_bytes() / 2**30:.2f}, "
-            f"candidates {candidate_bytes / 2**30:.2f}, per-query ranks {rank_bytes / 2**30:.2f}) but "
+            f"the search needs about {fixed / 2**30:.2f} GB (features on {topology.num_shards} device(s) "
+            f"{resident / 2**30:.2f}, candidates {candidate_bytes / 2**30:.2f}) but "
             f"the memory budget is {budget / 2**30:.2f} GB. Raise --memory_budget_gb, search fewer "
-            "subsets (--max_subset_size) or fewer representations.")
+            "representations or use more processes.")
+    rank_bytes = num_modes * num_masks * local_queries * (1 if k_max < 256 else 2)
+    return fixed + rank_bytes <= 0.75 * budget
 
 
 def _block_rows(bytes_per_row: int, budget: int, *, maximum: int, fraction: float = 0.25) -> int:
@@ -303,9 +417,9 @@ def _block_rows(bytes_per_row: int, budget: int, *, maximum: int, fraction: floa
 
 
 @partial(jax.jit, static_argnames=("stride", "sample_rank", "capacity", "complete"))
-def _candidate_block(phi: jax.Array, row_start: jax.Array, *, stride: int, sample_rank: int,
+def _candidate_block(phi: jax.Array, rows: jax.Array, *, stride: int, sample_rank: int,
                      capacity: int, complete: bool):
-    """Reduce similarity rows [M, B, G] of queries row_start.. to their candidates.
+    """Reduce similarity rows [M, B, G] of the queries `rows` [B] to their candidates.
 
     A member's threshold θ_k(i) is the `sample_rank`-th largest value of
     every `stride`-th gallery item (the true match excluded), so about
@@ -319,7 +433,6 @@ def _candidate_block(phi: jax.Array, row_start: jax.Array, *, stride: int, sampl
     bound does not hold), and row moments [M, B] (mean, squared deviations).
     """
     num_members, block, gallery = phi.shape
-    rows = row_start + jnp.arange(block)
     is_diagonal = jnp.arange(gallery)[None, :] == rows[:, None]
     diagonal = jnp.sum(jnp.where(is_diagonal[None], phi, 0.0), axis=2)
     masked = jnp.where(is_diagonal[None], -jnp.inf, phi)
@@ -358,42 +471,75 @@ def collect_candidates(
     *,
     budget: int,
     progress: bool = True,
+    topology: distributed.Topology | None = None,
+    tile: int | None = None,
+    checkpoint: resume.RunCheckpoint | None = None,
 ) -> Candidates:
-    """Run pass 1 over all query rows (see the module docstring)."""
+    """Run pass 1 over this process's query rows (see the module docstring).
+
+    The moments are gathered from every process, so `mean` and `std` cover
+    all N rows; the other fields cover this process's rows only.
+    """
     n, m, g = source.num_queries, source.num_members, source.num_gallery
+    topology = topology or distributed.local()
+    tile = tile or similarity_tile(source, budget)
+    first, last = topology.row_range(n, tile)
+    if checkpoint is not None:
+        saved = checkpoint.load("candidates")
+        if saved is not None:
+            logging.info("similarity pass restored from the checkpoint")
+            return Candidates(**saved[0], first_row=first)
+
     layout = candidate_layout(m, g, per_member)
     capacity = layout["capacity"]
-    # Φ block, its masked copy and comparison masks: about 3 copies of [M, B, G].
-    block = min(_block_rows(3 * source.bytes_per_query_row(), budget, maximum=256), n)
-    values = np.empty((n, m, capacity), np.float32)
-    valid = np.empty((n, capacity), bool)
-    diagonal = np.empty((n, m), np.float32)
-    upper = np.empty((n, m), np.float32)
-    overflow = np.empty(n, bool)
-    row_mean = np.empty((m, n), np.float32)
-    row_m2 = np.empty((m, n), np.float32)
-    reporter = _Progress("similarity pass", n, enabled=progress)
-    for start in range(0, n, block):
-        stop = min(start + block, n)
+    local = last - first
+    values = np.empty((local, m, capacity), np.float32)
+    valid = np.empty((local, capacity), bool)
+    diagonal = np.empty((local, m), np.float32)
+    upper = np.empty((local, m), np.float32)
+    overflow = np.empty(local, bool)
+    row_mean = np.empty((local, m), np.float32)
+    row_m2 = np.empty((local, m), np.float32)
+    axis = distributed.AXIS
+
+    def kernel_on(devices: distributed.Topology):
+        return devices.per_device(
+            partial(_candidate_block, **layout), in_specs=(P(None, axis, None), P(axis)),
+            out_specs=(P(axis), P(axis), P(axis), P(axis), P(axis), P(None, axis), P(None, axis)),
+            key=("candidates",) + tuple(sorted(layout.items())))
+
+    step = tile * topology.num_shards
+    reporter = _Progress("similarity pass", local, enabled=progress)
+    for start in range(first, last, step):
+        stop = min(start + step, last)
         rows = stop - start
-        phi = source.block(start, stop)
-        if rows < block:
-            phi = jnp.pad(phi, ((0, 0), (0, block - rows), (0, 0)))
-        out = jax.device_get(_candidate_block(phi, jnp.int32(start), **layout))
-        values[start:stop], valid[start:stop] = out[0][:rows], out[1][:rows]
-        diagonal[start:stop], upper[start:stop] = out[2][:rows], out[3][:rows]
-        overflow[start:stop] = out[4][:rows]
-        row_mean[:, start:stop], row_m2[:, start:stop] = out[5][:, :rows], out[6][:, :rows]
+        # Padding repeats the last row; every device used gets a full tile.
+        devices = topology.leading(-(-rows // tile))
+        indices = np.minimum(np.arange(start, start + tile * devices.num_shards), stop - 1).astype(np.int32)
+        phi = source.tile_rows(indices, devices)
+        out = jax.device_get(kernel_on(devices)(phi, devices.shard(indices, axis)))
+        here = slice(start - first, stop - first)
+        values[here], valid[here] = out[0][:rows], out[1][:rows]
+        diagonal[here], upper[here] = out[2][:rows], out[3][:rows]
+        overflow[here] = out[4][:rows]
+        row_mean[here], row_m2[here] = out[5][:, :rows].T, out[6][:, :rows].T
         reporter.update(rows)
     # A query with more candidates than capacity has no valid bound.
     upper[overflow] = np.inf
     # Candidates are packed first, so trailing slots that no query uses can go.
-    used = int(valid.sum(axis=1).max()) if n else 0
+    # The trimmed copy briefly doubles the largest array, so trim only when it saves a quarter.
+    used = int(valid.sum(axis=1).max()) if local else 0
     width = min(capacity, max(1, -(-used // 32) * 32))
-    mean, std = similarity.combine_row_moments(row_mean, row_m2, g)
-    return Candidates(values=np.ascontiguousarray(values[:, :, :width]),
-                      valid=np.ascontiguousarray(valid[:, :width]),
-                      diagonal=diagonal, upper=upper, mean=mean, std=std)
+    if width > 0.75 * capacity:
+        width = capacity
+    mean, std = similarity.combine_row_moments(topology.gather_rows(row_mean).T, topology.gather_rows(row_m2).T, g)
+    candidates = Candidates(values=np.ascontiguousarray(values[:, :, :width]),
+                            valid=np.ascontiguousarray(valid[:, :width]),
+                            diagonal=diagonal, upper=upper, mean=mean, std=std, first_row=first)
+    if checkpoint is not None:
+        arrays = {f.name: getattr(candidates, f.name) for f in dataclasses.fields(Candidates) if f.name != "first_row"}
+        checkpoint.save("candidates", arrays, {"first_row": first})
+    return candidates
 
 
 # ----------------------------------------------------------------------------
@@ -446,31 +592,54 @@ def _subset_sums(x: jax.Array, axis: int) -> jax.Array:
     return sums
 
 
-@partial(jax.jit, static_argnames=("low_members", "ks"))
-def count_block(differences: jax.Array, upper: jax.Array, tolerance: jax.Array, *,
-                low_members: int, ks: tuple[int, ...]):
+def _decide(outranking, ambiguous, bound, tol, ks):
+    """Shared tail of the counting kernels: ranks, near-tie and undecided flags."""
+    k_max = ks[-1]
+    lowest = outranking - ambiguous
+    highest = outranking + ambiguous
+    complete = bound < -tol
+    undecided = ~((lowest >= k_max) | complete)
+    near_tie = jnp.zeros_like(complete)
+    for k in ks:
+        near_tie = near_tie | ((lowest < k) != (highest < k))
+    return jnp.minimum(outranking, k_max), near_tie & complete, undecided
+
+
+@partial(jax.jit, static_argnames=("low_members", "ks", "high_count"))
+def count_block(differences: jax.Array, upper: jax.Array, tolerance: jax.Array, high_start: jax.Array | int = 0, *,
+                low_members: int, ks: tuple[int, ...], high_count: int | None = None):
     """Count, for every subset, the candidates that outrank the true match.
 
     Args:
       differences: int32 [C, B, M], q_k(i, j) − q_k(i, i) per candidate j.
       upper: int32 [B, M], bound on the difference of every non-candidate.
       tolerance: int32 [M], per-member error bound of a difference.
-      low_members: members 0..low_members−1 form the outer half-subset table.
+      high_start: first value of the high half (members low_members..M−1)
+        evaluated; with `high_count`, the chunk of subsets with masks in
+        [high_start · 2^m1, (high_start + high_count) · 2^m1).
+      low_members: m1; members 0..m1−1 form the outer half-subset table.
       ks: requested K values, ascending.
+      high_count: number of high-half values per call (default all 2^(M−m1)).
 
     Returns:
-      rank [B, 2^M] int32 = min(#outranking, K_max), near_tie [B, 2^M] bool,
-      undecided [B, 2^M] bool; index = subset mask (mask 0 is meaningless).
+      rank [B, S'] int32 = min(#outranking, K_max), near_tie [B, S'] bool,
+      undecided [B, S'] bool, with S' = high_count · 2^m1 and column
+      mask − high_start · 2^m1 (with the defaults, column = mask; mask 0 is
+      meaningless).
     """
     num_candidates, block, num_members = differences.shape
     high = num_members - low_members
-    k_max = ks[-1]
-    low_sums = _subset_sums(differences[..., :low_members], axis=2)    # [C, B, 2^m1]
-    high_sums = _subset_sums(differences[..., low_members:], axis=2)   # [C, B, 2^m2]
+    high_count = (1 << high) if high_count is None else high_count
+
+    def high_part(sums, axis):
+        return jax.lax.dynamic_slice_in_dim(sums, high_start, high_count, axis=axis)
+
+    low_sums = _subset_sums(differences[..., :low_members], axis=2)                       # [C, B, 2^m1]
+    high_sums = high_part(_subset_sums(differences[..., low_members:], axis=2), 2)        # [C, B, H]
     tol = (_subset_sums(tolerance[:low_members], axis=0)[:, None]
-           + _subset_sums(tolerance[low_members:], axis=0)[None, :])    # [2^m1, 2^m2]
+           + high_part(_subset_sums(tolerance[low_members:], axis=0), 0)[None, :])        # [2^m1, H]
     bound = (_subset_sums(upper[:, :low_members], axis=1)[:, :, None]
-             + _subset_sums(upper[:, low_members:], axis=1)[:, None, :])  # [B, 2^m1, 2^m2]
+             + high_part(_subset_sums(upper[:, low_members:], axis=1), 1)[:, None, :])    # [B, 2^m1, H]
 
     def accumulate(c, carry):
         outranking, ambiguous = carry
@@ -479,23 +648,42 @@ def count_block(differences: jax.Array, upper: jax.Array, tolerance: jax.Array, 
         ambiguous = ambiguous + (jnp.abs(total) <= tol).astype(jnp.int32)
         return outranking, ambiguous
 
-    zeros = jnp.zeros((block, 1 << low_members, 1 << high), jnp.int32)
+    zeros = jnp.zeros((block, 1 << low_members, high_count), jnp.int32)
     outranking, ambiguous = jax.lax.fori_loop(0, num_candidates, accumulate, (zeros, zeros))
 
-    lowest = outranking - ambiguous
-    highest = outranking + ambiguous
-    complete = bound < -tol
-    undecided = ~((lowest >= k_max) | complete)
-    near_tie = jnp.zeros_like(complete)
-    for k in ks:
-        near_tie = near_tie | ((lowest < k) != (highest < k))
-    near_tie = near_tie & complete
-    rank = jnp.minimum(outranking, k_max)
-
     def to_masks(grid):
-        return jnp.transpose(grid, (0, 2, 1)).reshape(block, 1 << num_members)
+        return jnp.transpose(grid, (0, 2, 1)).reshape(block, high_count << low_members)
 
-    return to_masks(rank), to_masks(near_tie), to_masks(undecided)
+    return tuple(to_masks(x) for x in _decide(outranking, ambiguous, bound, tol, ks))
+
+
+@partial(jax.jit, static_argnames=("ks",))
+def count_masks(differences: jax.Array, upper: jax.Array, tolerance: jax.Array, members: jax.Array, *,
+                ks: tuple[int, ...]):
+    """`count_block` for an explicit list of S subsets.
+
+    Args:
+      differences, upper, tolerance: as for `count_block`.
+      members: int32 [M, S], 0/1 membership of each subset.
+      ks: requested K values, ascending.
+
+    Returns:
+      rank, near_tie, undecided [B, S], as `count_block` returns them.
+    """
+    num_candidates, block, _ = differences.shape
+    tol = tolerance @ members                       # [S]
+    bound = upper @ members                         # [B, S]
+
+    def accumulate(c, carry):
+        outranking, ambiguous = carry
+        total = differences[c] @ members            # [B, S], exact in int32
+        outranking = outranking + (total >= 0).astype(jnp.int32)
+        ambiguous = ambiguous + (jnp.abs(total) <= tol).astype(jnp.int32)
+        return outranking, ambiguous
+
+    zeros = jnp.zeros((block, members.shape[1]), jnp.int32)
+    outranking, ambiguous = jax.lax.fori_loop(0, num_candidates, accumulate, (zeros, zeros))
+    return _decide(outranking, ambiguous, bound, tol, ks)
 
 
 def count_block_reference(differences: np.ndarray, upper: np.ndarray, tolerance: np.ndarray,
@@ -525,65 +713,277 @@ def count_block_reference(differences: np.ndarray, upper: np.ndarray, tolerance:
     return rank, near, undecided
 
 
+# Cells of the [B, 2^m1, H] accumulators of one kernel call: about 1 MB of
+# int32 each, so they stay in cache.
+KERNEL_CELLS = 1 << 17
+
+
 def _kernel_block_rows(num_members: int) -> int:
-    # Keep the two [B, 2^M] int32 accumulators near 1 MB so they stay in cache.
-    return max(1, min(256, (1 << 17) >> num_members))
+    return max(1, min(256, KERNEL_CELLS >> num_members))
 
 
-def _evaluate_mode(source, candidates: Candidates, mode: str, weights: np.ndarray, ks, masks, *,
-                   budget: int, progress: bool) -> ModeResult:
+@dataclasses.dataclass(frozen=True)
+class _Context:
+    """Inputs and settings shared by every sweep of a search."""
+
+    source: similarity.SimilaritySource
+    candidates: Candidates
+    ks: tuple[int, ...]
+    topology: distributed.Topology
+    tile: int
+    progress: bool
+    checkpoint: resume.RunCheckpoint | None
+
+
+class _Counter:
+    """Counts outranking candidates for the masks [S] of one sweep, on every local device.
+
+    The full-table kernel `count_block` runs over chunks of the high
+    half-table (only chunks that hold a searched mask); a short explicit list
+    of subsets uses `count_masks` instead, whichever evaluates fewer cells.
+    """
+
+    def __init__(self, masks: np.ndarray, num_members: int, ks: tuple[int, ...], topology: distributed.Topology):
+        self.masks, self.ks, self.topology = masks, ks, topology
+        self.rank_dtype = np.uint8 if ks[-1] < 256 else np.uint16
+        low = num_members // 2
+        grid_block = _kernel_block_rows(num_members)
+        high_count = min(1 << (num_members - low), max(1, KERNEL_CELLS // (grid_block << low)))
+        starts = np.unique((masks >> low) // high_count) * high_count
+        axis = distributed.AXIS
+        row_spec = (P(None, axis, None), P(axis, None), P())
+        self.use_grid = starts.size * (high_count << low) <= masks.size * num_members
+        if self.use_grid:
+            self.block = grid_block
+            self.kernel = topology.per_device(
+                partial(count_block, low_members=low, ks=ks, high_count=high_count),
+                in_specs=row_spec + (P(),), out_specs=(P(axis),) * 3, key=("count_block", low, ks, high_count))
+            self.parts = []
+            for start in starts.tolist():
+                first, stop = start << low, (start + high_count) << low
+                selected = np.flatnonzero((masks >= first) & (masks < stop))
+                self.parts.append((jnp.int32(start), masks[selected] - first, selected))
+        else:
+            width = min(masks.size, KERNEL_CELLS)
+            self.block = max(1, min(256, KERNEL_CELLS // width))
+            self.kernel = topology.per_device(partial(count_masks, ks=ks), in_specs=row_spec + (P(),),
+                                              out_specs=(P(axis),) * 3, key=("count_masks", ks))
+            self.parts = []
+            for first in range(0, masks.size, width):
+                selected = np.arange(first, min(first + width, masks.size))
+                members = np.zeros((num_members, width), np.int32)
+                members[:, :selected.size] = subsets.member_matrix(masks[selected], num_members).T
+                self.parts.append((topology.shard(members), np.arange(selected.size), selected))
+
+    @property
+    def step_rows(self) -> int:
+        return self.block * self.topology.num_shards
+
+    def count(self, diff: np.ndarray, upper: np.ndarray, tolerance: jax.Array, needed: np.ndarray | None = None):
+        """Return rank, near_tie, undecided [b, S] for differences [b, C, M] and bounds [b, M].
+
+        Columns outside `needed` (bool [S]) may be skipped and left zero.
+        """
+        rows = diff.shape[0]
+        pad = self.step_rows - rows
+        if pad:
+            diff = np.concatenate([diff, np.full((pad,) + diff.shape[1:], diff.min(initial=0), diff.dtype)])
+            upper = np.concatenate([upper, np.full((pad, upper.shape[1]), upper.min(initial=0), upper.dtype)])
+        axis = distributed.AXIS
+        differences = self.topology.shard(np.ascontiguousarray(np.transpose(diff, (1, 0, 2))).astype(np.int32),
+                                          None, axis, None)
+        bounds = self.topology.shard(upper.astype(np.int32), axis, None)
+        rank = np.zeros((rows, self.masks.size), self.rank_dtype)
+        near = np.zeros((rows, self.masks.size), bool)
+        undecided = np.zeros((rows, self.masks.size), bool)
+        for argument, columns, selected in self.parts:
+            if needed is not None and not needed[selected].any():
+                continue
+            out = jax.device_get(self.kernel(differences, bounds, tolerance, argument))
+            rank[:, selected] = out[0][:rows, columns]
+            near[:, selected] = out[1][:rows, columns]
+            undecided[:, selected] = out[2][:rows, columns]
+        return rank, near, undecided
+
+
+@dataclasses.dataclass
+class _Counts:
+    """Outputs of a sweep: per-subset counts and the per-query ranks of the kept columns.
+
+    Attributes:
+      recall: int64 [S, K] over this process's queries.
+      near_ties: int64 [S].
+      ranks: [n, R], ranks of the kept columns for this process's n queries.
+      near_pairs: int64 [P, 2], (kept column, query) of every near-tie in a kept column.
+      undecided: (query, subset) pairs recomputed over the whole gallery.
+      rows_done: this process's queries done (local index).
+    """
+
+    recall: np.ndarray
+    near_ties: np.ndarray
+    ranks: np.ndarray
+    near_pairs: np.ndarray
+    undecided: int = 0
+    rows_done: int = 0
+
+    def add(self, rank, near, counted, rows: np.ndarray, keep: np.ndarray, ks, first_row: int) -> None:
+        """Add the (query, subset) outcomes marked by `counted` [b, S] of local query rows [b]."""
+        for j, k in enumerate(ks):
+            self.recall[:, j] += ((rank < k) & counted).sum(axis=0)
+        self.near_ties += (near & counted).sum(axis=0)
+        kept = counted[:, keep]
+        self.ranks[rows] = np.where(kept, rank[:, keep], self.ranks[rows])
+        query, column = np.nonzero(near[:, keep] & kept)
+        if query.size:
+            pairs = np.stack([column, rows[query] + first_row], axis=1).astype(np.int64)
+            self.near_pairs = np.concatenate([self.near_pairs, pairs])
+
+
+def _sweep(context: _Context, fixed: FixedPoint, masks: np.ndarray, keep: np.ndarray, *, stage: str,
+           label: str) -> _Counts:
+    """Evaluate `masks` for this process's queries, keeping the ranks of columns `keep`."""
+    source, candidates, ks, topology = context.source, context.candidates, context.ks, context.topology
+    m = source.num_members
+    local = candidates.values.shape[0]
+    counter = _Counter(masks, m, ks, topology)
+    tolerance = topology.shard(fixed.tolerance.astype(np.int32))
+    counts = _Counts(recall=np.zeros((masks.size, len(ks)), np.int64), near_ties=np.zeros(masks.size, np.int64),
+                     ranks=np.zeros((local, keep.size), counter.rank_dtype), near_pairs=np.zeros((0, 2), np.int64))
+    saved = context.checkpoint.load(stage) if context.checkpoint is not None else None
+    if saved is not None:
+        arrays, meta = saved
+        counts = _Counts(**arrays, undecided=meta["undecided"], rows_done=meta["rows_done"])
+        logging.info("%s: restored %d of %d queries from the checkpoint", label, counts.rows_done, local)
+
+    pending: list[tuple[int, np.ndarray]] = []
+
+    def flush():
+        if pending:
+            _resolve_undecided(context, fixed, counter, tolerance, pending, counts, keep)
+            pending.clear()
+
+    reporter = _Progress(label, local - counts.rows_done, enabled=context.progress, unit_scale=masks.size)
+    for start in range(counts.rows_done, local, counter.step_rows):
+        stop = min(start + counter.step_rows, local)
+        diff, upper = _quantized_candidates(fixed, candidates, start, stop)
+        rank, near, undecided = counter.count(diff, upper, tolerance)
+        counts.add(rank, near, ~undecided, np.arange(start, stop), keep, ks, candidates.first_row)
+        for row in np.flatnonzero(undecided.any(axis=1)):
+            pending.append((start + int(row), np.flatnonzero(undecided[row])))
+        counts.undecided += int(undecided.sum())
+        counts.rows_done = stop
+        if len(pending) >= context.tile * topology.num_shards:
+            flush()
+        if context.checkpoint is not None and context.checkpoint.due() and stop < local:
+            flush()
+            _save_counts(context.checkpoint, stage, counts)
+        reporter.update(stop - start)
+    flush()
+    if context.checkpoint is not None:
+        _save_counts(context.checkpoint, stage, counts)
+    return counts
+
+
+def _save_counts(checkpoint: resume.RunCheckpoint, stage: str, counts: _Counts) -> None:
+    arrays = {"recall": counts.recall, "near_ties": counts.near_ties, "ranks": counts.ranks,
+              "near_pairs": counts.near_pairs}
+    checkpoint.save(stage, arrays, {"undecided": counts.undecided, "rows_done": counts.rows_done})
+
+
+def _quantized_candidates(fixed: FixedPoint, candidates: Candidates, start: int, stop: int):
+    """Differences [b, C, M] and bounds [b, M] of local query rows start..stop−1."""
+    num_members = candidates.diagonal.shape[1]
+    diag_q = fixed.quantize(candidates.diagonal[start:stop])
+    diff = fixed.quantize(np.swapaxes(candidates.values[start:stop], 1, 2)) - diag_q[:, None, :]
+    diff[~candidates.valid[start:stop]] = _sentinel(num_members)
+    return diff, _quantize_bound(fixed, candidates.upper[start:stop], diag_q, num_members)
+
+
+def _resolve_undecided(context: _Context, fixed: FixedPoint, counter: _Counter, tolerance: jax.Array,
+                       pending: list[tuple[int, np.ndarray]], counts: _Counts, keep: np.ndarray) -> None:
+    """Recompute the pending (local query, subset columns) pairs over the whole gallery.
+
+    Similarity rows are computed in full tiles, one per local device, so each
+    row's values are those of any other run (see engine.distributed).
+    """
+    source, topology = context.source, context.topology
+    first_row = context.candidates.first_row
+    sentinel = _sentinel(source.num_members)
+    group = context.tile * topology.num_shards
+    for group_start in range(0, len(pending), group):
+        members = pending[group_start:group_start + group]
+        rows = np.array([row for row, _ in members])
+        devices = topology.leading(-(-rows.size // context.tile))
+        indices = np.full(context.tile * devices.num_shards, rows[-1] + first_row, np.int32)
+        indices[:rows.size] = rows + first_row
+        phi = np.asarray(jax.device_get(source.tile_rows(indices, devices)))         # [M, tiles, G]
+        for start in range(0, rows.size, counter.step_rows):
+            part = slice(start, min(start + counter.step_rows, rows.size))
+            block_rows = rows[part]
+            queries = block_rows + first_row
+            block = np.transpose(phi[:, part], (1, 2, 0))                             # [b, G, M]
+            here = np.arange(block_rows.size)
+            diag_q = fixed.quantize(block[here, queries])
+            diff = fixed.quantize(block) - diag_q[:, None, :]
+            diff[here, queries] = sentinel
+            upper = np.full((block_rows.size, source.num_members), sentinel, np.int64)
+            counted = np.zeros((block_rows.size, counter.masks.size), bool)
+            for i, (_, columns) in enumerate(members[part]):
+                counted[i, columns] = True
+            rank, near, _ = counter.count(diff, upper, tolerance, needed=counted.any(axis=0))
+            counts.add(rank, near, counted, block_rows, keep, context.ks, first_row)
+
+
+def _evaluate_mode(context: _Context, mode: str, weights: np.ndarray, masks: np.ndarray, *, stage: str,
+                   all_ranks: bool, rank_subsets: int) -> ModeResult:
     start_time = time.perf_counter()
+    source, topology, ks = context.source, context.topology, context.ks
     n, m = source.num_queries, source.num_members
     weight_error = STD_RELATIVE_ERROR if mode == STANDARDIZED else 0.0
     fixed = FixedPoint.for_mode(weights, source, weight_error=weight_error)
-    tolerance = jnp.asarray(fixed.tolerance.astype(np.int32))
-    low_members = m // 2
-    rank_dtype = np.uint8 if ks[-1] < 256 else np.uint16
-    ranks_all = np.empty((n, masks.size), rank_dtype)
-    near_flags = np.zeros((n, masks.size), bool)
-    undecided_rows: list[np.ndarray] = []
-    undecided_masks: list[np.ndarray] = []
-    block = min(_kernel_block_rows(m), n)
-    sentinel = _sentinel(m)
-    reporter = _Progress(f"mode {mode}", n, enabled=progress, unit_scale=masks.size)
+    singles = np.searchsorted(masks, 1 << np.arange(m, dtype=np.int64))
+    keep = np.arange(masks.size) if all_ranks else singles
+    counts = _sweep(context, fixed, masks, keep, stage=stage, label=f"mode {mode}")
+    recall = topology.sum(counts.recall)
+    near_all = topology.sum(counts.near_ties)
+    undecided_pairs = int(topology.sum(np.array([counts.undecided], np.int64))[0])
+    ranks = [topology.gather_rows(counts.ranks).T]
+    pairs = topology.gather_rows(counts.near_pairs)
+    pairs = [np.stack([keep[pairs[:, 0]], pairs[:, 1]], axis=1)]
+    rank_rows = [keep]
 
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        diag_q = fixed.quantize(candidates.diagonal[start:stop])                       # [b, M]
-        diff = fixed.quantize(np.swapaxes(candidates.values[start:stop], 1, 2)) - diag_q[:, None, :]
-        diff[~candidates.valid[start:stop]] = sentinel                                 # [b, C, M]
-        upper = _quantize_bound(fixed, candidates.upper[start:stop], diag_q, m)
-        rank, near, undecided = _run_kernel(diff, upper, tolerance, low_members, ks, block)
-        rows = slice(start, stop)
-        ranks_all[rows] = rank[:, masks]
-        near_flags[rows] = near[:, masks]
-        pending = undecided[:, masks]
-        if pending.any():
-            # Undecided pairs carry no near-tie flag yet; the recomputation sets it.
-            query_index, mask_index = np.nonzero(pending)
-            undecided_rows.append(query_index + start)
-            undecided_masks.append(mask_index)
-        reporter.update(stop - start)
+    if not all_ranks and rank_subsets:
+        # Ranks of the leading subsets, from a second pass over just those subsets.
+        from engine import analysis
 
-    undecided_pairs = 0
-    if undecided_rows:
-        rows = np.concatenate(undecided_rows)
-        mask_rows = np.concatenate(undecided_masks)
-        undecided_pairs = rows.size
-        _resolve_undecided(source, fixed, tolerance, low_members, ks, masks, rows, mask_rows,
-                           ranks_all, near_flags, budget=budget)
+        # The leading subsets plus every other subset the analyses report
+        # (best of each size, the ablation's alternatives), singles excluded.
+        leading = analysis.reported_rows(recall, masks, context.source.num_members, top=rank_subsets)
+        leading = leading[subsets.popcount(masks[leading]) > 1]
+        if leading.size:
+            extra = _sweep(context, fixed, masks[leading], np.arange(leading.size), stage=f"{stage}_ranks",
+                           label=f"mode {mode}, ranks of {leading.size} leading subsets")
+            if not np.array_equal(topology.sum(extra.recall), recall[leading]):
+                raise RuntimeError(f"mode {mode}: the second pass over the leading subsets disagrees with the "
+                                   "first; the similarity rows were not reproducible.")
+            ranks.append(topology.gather_rows(extra.ranks).T)
+            extra_pairs = topology.gather_rows(extra.near_pairs)
+            pairs.append(np.stack([leading[extra_pairs[:, 0]], extra_pairs[:, 1]], axis=1))
+            rank_rows.append(leading)
 
-    recall = np.stack([(ranks_all < k).sum(axis=0) for k in ks], axis=1).astype(np.int64)
-    near_all = near_flags.sum(axis=0).astype(np.int64)
-    near_query, near_row = np.nonzero(near_flags)
+    rank_rows_all = np.concatenate(rank_rows)
+    order = np.argsort(rank_rows_all, kind="stable")
+    near_tie_pairs = np.concatenate(pairs).astype(np.int64).reshape(-1, 2)
+    near_tie_pairs = near_tie_pairs[np.lexsort((near_tie_pairs[:, 0], near_tie_pairs[:, 1]))]
     seconds = time.perf_counter() - start_time
     logging.info("mode %s: %d subsets x %d queries in %.2f s; %d (query, subset) pairs (%.3f%%) "
                  "needed the whole gallery; %d near-tie decisions.",
                  mode, masks.size, n, seconds, undecided_pairs,
                  100.0 * undecided_pairs / max(1, masks.size * n), int(near_all.sum()))
-    return ModeResult(name=mode, weights=weights, recall=recall, ranks=np.ascontiguousarray(ranks_all.T),
-                      near_ties=near_all, near_tie_pairs=np.stack([near_row, near_query], axis=1).astype(np.int64),
-                      undecided_pairs=undecided_pairs, seconds=seconds)
+    return ModeResult(name=mode, weights=weights, recall=recall,
+                      ranks=np.ascontiguousarray(np.concatenate(ranks)[order]),
+                      near_ties=near_all, near_tie_pairs=near_tie_pairs,
+                      undecided_pairs=undecided_pairs, seconds=seconds, rank_masks=masks[rank_rows_all[order]])
 
 
 def _quantize_bound(fixed: FixedPoint, upper: np.ndarray, diag_q: np.ndarray, num_members: int) -> np.ndarray:
@@ -592,56 +992,6 @@ def _quantize_bound(fixed: FixedPoint, upper: np.ndarray, diag_q: np.ndarray, nu
     finite = fixed.quantize(np.where(np.isfinite(upper), upper, 0.0)) - diag_q
     bound = np.where(np.isneginf(upper), _sentinel(num_members), finite)
     return np.where(np.isposinf(upper), INT32_MAX // num_members, np.maximum(bound, _sentinel(num_members)))
-
-
-def _run_kernel(diff: np.ndarray, upper: np.ndarray, tolerance: jax.Array, low_members: int,
-                ks: tuple[int, ...], block: int):
-    """Pad a block of queries to `block` rows and run `count_block` on it."""
-    rows = diff.shape[0]
-    if rows < block:
-        pad = block - rows
-        diff = np.concatenate([diff, np.full((pad,) + diff.shape[1:], diff.min(initial=0), diff.dtype)])
-        upper = np.concatenate([upper, np.full((pad, upper.shape[1]), upper.min(initial=0), upper.dtype)])
-    differences = jnp.asarray(np.ascontiguousarray(np.transpose(diff, (1, 0, 2))).astype(np.int32))
-    out = count_block(differences, jnp.asarray(upper.astype(np.int32)), tolerance,
-                      low_members=low_members, ks=ks)
-    rank, near, undecided = jax.device_get(out)
-    return rank[:rows], near[:rows], undecided[:rows]
-
-
-@jax.jit
-def _full_rows(phi: jax.Array, rows: jax.Array):
-    """Diagonal [B, M] and the is-self mask [B, G] for arbitrary query rows."""
-    is_self = jnp.arange(phi.shape[2])[None, :] == rows[:, None]
-    diagonal = jnp.sum(jnp.where(is_self[None], phi, 0.0), axis=2).T
-    return diagonal, is_self
-
-
-def _resolve_undecided(source, fixed: FixedPoint, tolerance, low_members, ks, masks,
-                       rows: np.ndarray, mask_rows: np.ndarray, ranks_all: np.ndarray,
-                       near_flags: np.ndarray, *, budget: int) -> None:
-    """Recompute undecided (query, subset) pairs over the whole gallery."""
-    queries = np.unique(rows)
-    m, g = source.num_members, source.num_gallery
-    sentinel = _sentinel(m)
-    # [b, G, M] int64 differences dominate.
-    block = min(_kernel_block_rows(m), _block_rows(8 * 3 * m * g, budget, maximum=256), queries.size)
-    by_query: dict[int, list[int]] = {}
-    for query, mask_row in zip(rows.tolist(), mask_rows.tolist()):
-        by_query.setdefault(query, []).append(mask_row)
-    for start in range(0, queries.size, block):
-        chunk = queries[start:start + block]
-        phi = source.rows(chunk)                                          # [M, b, G]
-        diagonal, is_self = jax.device_get(_full_rows(phi, jnp.asarray(chunk)))
-        diag_q = fixed.quantize(diagonal)
-        diff = fixed.quantize(np.transpose(np.asarray(phi), (1, 2, 0))) - diag_q[:, None, :]
-        diff[is_self] = sentinel
-        upper = np.full((chunk.size, m), sentinel, np.int64)
-        rank, near, _ = _run_kernel(diff, upper, tolerance, low_members, ks, block)
-        for row, query in enumerate(chunk.tolist()):
-            wanted = np.asarray(by_query[query])
-            ranks_all[query, wanted] = rank[row, masks[wanted]]
-            near_flags[query, wanted] = near[row, masks[wanted]]
 
 
 class _Progress:

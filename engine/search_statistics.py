@@ -50,6 +50,7 @@ class SearchStatistics:
       folds: int64 [N] fold of each query, or None without cross-validation.
       cross_validation: mode -> CrossValidation over the groups "overall" and "size_<s>".
       seconds: wall time per stage.
+      skipped: why an analysis that was asked for did not run, or None.
     """
 
     num_resamples: int
@@ -58,6 +59,7 @@ class SearchStatistics:
     folds: np.ndarray | None
     cross_validation: dict[str, statistics.CrossValidation]
     seconds: dict[str, float]
+    skipped: str | None = None
 
     @property
     def num_folds(self) -> int:
@@ -95,6 +97,15 @@ def compute(result: retrieval.SearchResult, *, num_resamples: int = 1000, level:
     seconds: dict[str, float] = {}
     folds = None
     cross_validation = {}
+    skipped = None
+    reduced = [mode for mode, mode_result in result.modes.items()
+               if mode_result.rank_masks is not None and mode_result.rank_masks.size < result.masks.size]
+    if cv_folds and reduced:
+        # Fold counts need every subset's per-query ranks; this run kept only some.
+        skipped = (f"cross-validation skipped: modes {reduced} kept per-query ranks for only some subsets "
+                   "because all of them did not fit the memory budget; raise --memory_budget_gb to run it.")
+        logging.warning("%s", skipped)
+        cv_folds = 0
     if cv_folds:
         start = time.perf_counter()
         folds = statistics.assign_folds(result.num_queries, cv_folds, seed=seed)
@@ -104,7 +115,7 @@ def compute(result: retrieval.SearchResult, *, num_resamples: int = 1000, level:
             cross_validation[mode] = statistics.cross_validate(counts, result.masks, groups, folds=folds)
         seconds["cross_validation"] = time.perf_counter() - start
     return SearchStatistics(num_resamples=num_resamples, level=level, seed=seed, folds=folds,
-                            cross_validation=cross_validation, seconds=seconds)
+                            cross_validation=cross_validation, seconds=seconds, skipped=skipped)
 
 
 # ----------------------------------------------------------------------------
@@ -165,6 +176,7 @@ def _settings(result: retrieval.SearchResult, stats: SearchStatistics) -> dict[s
             "multiple_comparisons": "Holm within each list (leading subsets, best per size, ablation)",
         },
         "cross_validation": None,
+        "skipped": stats.skipped,
         "seconds": stats.seconds,
     }
     if stats.folds is not None:
@@ -189,15 +201,15 @@ def _interval_fields(ks: tuple[int, ...], low: np.ndarray, high: np.ndarray) -> 
 def _annotate_mode(result: retrieval.SearchResult, mode: str, mode_out: dict[str, Any],
                    stats: SearchStatistics) -> None:
     ks = result.ks
-    ranks = result.modes[mode].ranks
+    mode_result = result.modes[mode]
     records = list(_subset_records(mode_out))
     masks = sorted({r["mask"] for r in records})
-    rows = np.array([result.row_of(mask) for mask in masks], np.int64)
+    rows = np.arange(len(masks))
     position = {mask: i for i, mask in enumerate(masks)}
     best_position = position[mode_out["best"]["mask"]]
 
     # Rows of the bootstrap: the reported subsets, then the cross-validated selections.
-    capped = [ranks[rows].astype(np.int64)]
+    capped = [np.stack([mode_result.ranks_of(mask) for mask in masks]).astype(np.int64)]
     cv = stats.cross_validation.get(mode)
     if cv is not None:
         capped.append(np.stack([stats.held_out_ranks(result, mode, group) for group in cv.groups]))
@@ -328,8 +340,8 @@ def compare_fitted(result: retrieval.SearchResult, stats: SearchStatistics, name
         capped.append(held_out[equal])
     elif has_equal_standardized(result):
         labels.append("equal standardised weights")
-        full = result.row_of((1 << len(names)) - 1)
-        capped.append(result.modes[retrieval.STANDARDIZED].ranks[full].astype(np.int64))
+        full = (1 << len(names)) - 1
+        capped.append(result.modes[retrieval.STANDARDIZED].ranks_of(full).astype(np.int64))
     for mode in result.modes:
         labels.append(f"cross-validated best subset ({mode})")
         capped.append(stats.held_out_ranks(result, mode))

@@ -9,6 +9,7 @@ similarity matrices. The full [M, N, G] stack is never materialised.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 
 import jax
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from engine import store
+from engine import distributed, store
 
 # Unit roundoff of float32.
 F32_EPS = 2.0 ** -24
@@ -99,6 +100,54 @@ class SimilaritySource:
         left = tuple(a[jnp.asarray(queries)] for a in self._left)
         right = tuple(b[jnp.asarray(order)] for b in self._right)
         return dataclasses.replace(self, num_queries=queries.size, _left=left, _right=right)
+
+    def tile_rows(self, indices: np.ndarray, topology: distributed.Topology) -> jax.Array:
+        """Return float32 [M, len(indices), G] similarities, rows split over the local devices.
+
+        Each device computes its own [M, len(indices) / devices, G] block in
+        one program, so a row's values depend only on that block's row count
+        (XLA gives every row the same values at a fixed shape, whatever the
+        other rows are), never on the number of devices.
+        """
+        indices = np.asarray(indices)
+        if self._matrices is not None:
+            stacked = np.stack([np.asarray(m[indices], dtype=np.float32) for m in self._matrices])
+            return topology.shard(stacked, None, distributed.AXIS, None)
+        right = self._replicated_right(topology)
+        kernel = topology.per_device(
+            _similarity_block, in_specs=(distributed.P(distributed.AXIS, None), distributed.P()),
+            out_specs=distributed.P(distributed.AXIS, None), key="similarity")
+        return jnp.stack([kernel(topology.shard(np.asarray(left[indices]), distributed.AXIS, None), r)
+                          for left, r in zip(self._left, right)])
+
+    def _replicated_right(self, topology: distributed.Topology) -> tuple[jax.Array, ...]:
+        """Return the gallery features replicated on the topology's devices (cached per mesh).
+
+        A mesh over some of the devices of a cached mesh reuses that mesh's
+        copies instead of copying the features again.
+        """
+        cache = self.__dict__.setdefault("_right_on_mesh", {})
+        if topology.mesh not in cache:
+            devices = set(topology.mesh.devices.flat)
+            base = next((arrays for mesh, arrays in cache.items() if devices <= set(mesh.devices.flat)), None)
+            if base is None:
+                cache[topology.mesh] = tuple(jax.device_put(r, topology.sharding()) for r in self._right)
+            else:
+                cache[topology.mesh] = tuple(
+                    jax.make_array_from_single_device_arrays(
+                        a.shape, topology.sharding(), [s.data for s in a.addressable_shards if s.device in devices])
+                    for a in base)
+        return cache[topology.mesh]
+
+    def digest(self) -> str:
+        """Return a SHA-256 of the arrays behind the similarities (identifies the inputs)."""
+        digest = hashlib.sha256()
+        arrays = self._matrices if self._matrices is not None else self._left + self._right
+        for array in arrays:
+            array = np.ascontiguousarray(np.asarray(array))
+            digest.update(f"{array.shape}{array.dtype}".encode())
+            digest.update(array.tobytes())
+        return digest.hexdigest()
 
     def bytes_per_query_row(self) -> int:
         return 4 * self.num_members * self.num_gallery

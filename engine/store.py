@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -204,6 +205,24 @@ def load_features(
         manifest=read_manifest(features_dir), source=features_dir)
     validate_features(features)
     return features
+
+
+def files_fingerprint(features_dir: str | os.PathLike[str], names: Sequence[str]) -> dict[str, Any]:
+    """Return the size and SHA-256 of every feature file of `names`, plus the manifest's dataset identity.
+
+    Identifies a run's inputs (checkpoints compare it on resume).
+    """
+    files = {}
+    for name in names:
+        for side in (LEFT_NAME, RIGHT_NAME):
+            path = os.path.join(os.fspath(features_dir), name, side)
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(chunk)
+            files[f"{name}/{side}"] = {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+    manifest = read_manifest(features_dir) or {}
+    return {"files": files, "dataset": manifest.get("dataset")}
 
 
 def _load_npy(path: str) -> np.ndarray:
