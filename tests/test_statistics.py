@@ -359,3 +359,19 @@ def test_cross_validation_ties_fall_to_smaller_subset():
                                                 num_folds=4, seed=1)
     np.testing.assert_array_equal(cv.chosen[0], [1, 1, 1, 1])
     assert cv.in_sample[0] == 1
+
+
+def test_statistics_with_reduced_ranks():
+    # A run that keeps per-query ranks for only some subsets still gets
+    # intervals for every reported subset; cross-validation is skipped with a reason.
+    features = synthetic.make_features(num_queries=90, num_gallery=100, num_members=5, dim=12, seed=41)
+    result = retrieval.search(similarity.from_features(features), candidates_per_member=3, progress=False,
+                              keep_all_ranks=False, rank_subsets=4)
+    stats = search_statistics.compute(result, num_resamples=50, cv_folds=3, seed=0)
+    assert stats.cross_validation == {}
+    assert "cross-validation skipped" in stats.skipped
+    annotated = search_statistics.annotate(result, analysis.analyse(result, top=4), stats)
+    for mode_out in annotated["modes"].values():
+        for record in mode_out["best_per_size"] + mode_out["top_subsets"]:
+            assert "interval" in record
+    assert annotated["statistics"]["skipped"] == stats.skipped
