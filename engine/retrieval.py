@@ -915,6 +915,31 @@ def _quantized_candidates(fixed: FixedPoint, candidates: Candidates, start: int,
     return diff, _quantize_bound(fixed, candidates.upper[start:stop], diag_q, num_members)
 
 
+def _drop_hopeless_items(diff: np.ndarray, tolerance: np.ndarray, sentinel: int) -> np.ndarray:
+    """Keep, per query, only the gallery items that can count for some subset.
+
+    An item whose difference is below −tolerance_k in every member k has a
+    subset sum below −tolerance_S for every subset S (weights are
+    non-negative), so it neither outranks the match nor is ambiguous. The kept
+    items come first; the width is the largest count in the block rounded up
+    to a power of two (few distinct kernel shapes), padded with the sentinel.
+
+    Args:
+      diff: int64 [b, G, M] quantised differences, the match already the sentinel.
+      tolerance: int [M] per-member tolerance.
+      sentinel: the difference of padding.
+    """
+    relevant = (diff >= -np.asarray(tolerance, np.int64)[None, None, :]).any(axis=2)     # [b, G]
+    count = int(relevant.sum(axis=1).max()) if relevant.size else 0
+    width = min(diff.shape[1], 1 << max(5, (max(count, 1) - 1).bit_length()))
+    if width >= diff.shape[1]:
+        return diff
+    order = np.argsort(~relevant, axis=1, kind="stable")[:, :width]
+    kept = np.take_along_axis(diff, order[:, :, None], axis=1)
+    kept[~np.take_along_axis(relevant, order, axis=1)] = sentinel
+    return kept
+
+
 def _resolve_undecided(context: _Context, fixed: FixedPoint, counter: _Counter, tolerance: jax.Array,
                        pending: list[tuple[int, np.ndarray]], counts: _Counts, keep: np.ndarray) -> None:
     """Recompute the pending (local query, subset columns) pairs over the whole gallery.
@@ -942,6 +967,7 @@ def _resolve_undecided(context: _Context, fixed: FixedPoint, counter: _Counter, 
             diag_q = fixed.quantize(block[here, queries])
             diff = fixed.quantize(block) - diag_q[:, None, :]
             diff[here, queries] = sentinel
+            diff = _drop_hopeless_items(diff, fixed.tolerance, sentinel)
             upper = np.full((block_rows.size, source.num_members), sentinel, np.int64)
             counted = np.zeros((block_rows.size, counter.masks.size), bool)
             for i, (_, columns) in enumerate(members[part]):
