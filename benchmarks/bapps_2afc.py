@@ -153,6 +153,11 @@ def main(argv):
         bootstrap_resamples=FLAGS.bootstrap_resamples, confidence=FLAGS.confidence, cv_folds=FLAGS.cv_folds,
         selection_train=selection_train)
 
+    select_on = None
+    if selection_train is not None:
+        select_on = selection_train.split
+    elif FLAGS.cv_folds:
+        select_on = "cv"
     summary = bapps_report.summary_dict(table, analyses)
     summary["config"] = {
         "data_dir": os.path.abspath(data_dir), "task": task, "split": FLAGS.split, "nets": nets,
@@ -161,7 +166,7 @@ def main(argv):
                       for net, s in sources.items()},
         "random_backbones": [net for net, s in sources.items() if s.kind == "random"],
         "cache_dir": FLAGS.cache_dir, "fit_split": train.split if train else None,
-        "select_on": selection_train.split if selection_train else ("cv" if FLAGS.cv_folds else None),
+        "select_on": select_on,
         "confidence": FLAGS.confidence, "cv_folds": FLAGS.cv_folds, "seed": FLAGS.seed,
         "bootstrap_resamples": FLAGS.bootstrap_resamples,
     }

@@ -66,7 +66,7 @@ def test_cross_validated_combination_matches_brute_force(mode):
             assert counts == {m: chosen.count(m) for m in set(chosen)}
 
 
-def test_fold_totals_ignore_held_out_judgments_and_add_up():
+def test_fold_totals_ignore_held_out_judgments():
     d0, d1, judge, category, k = _case(1)
     folds = statistics.assign_folds(len(judge), 5, seed=0, strata=category)
     masks, totals, counts = metric_search.fold_category_totals(d0, d1, judge, category, k, folds, 5,
@@ -198,10 +198,10 @@ def test_four_devices_equal_one_device_bit_for_bit(tmp_path):
                    timeout=120)
     got = np.load(out)
     d0, d1, judge, category, k = _case(11, num_triplets=150, num_metrics=6)
-    here = metric_search.search_metric_subsets(d0, d1, judge, category, k)
+    single_device = metric_search.search_metric_subsets(d0, d1, judge, category, k)
     for mode in metric_search.MODES:
         for devices in (1, 4):
             # 63 subsets in chunks of 5: 13 chunks, so 4 devices run a padded last step.
-            np.testing.assert_array_equal(got[f"{devices}/{mode}/scores"], here.category_scores[mode])
-            np.testing.assert_array_equal(got[f"{devices}/{mode}/near"], here.near_ties[mode])
-            np.testing.assert_array_equal(got[f"{devices}/{mode}/ties"], here.ties[mode])
+            np.testing.assert_array_equal(got[f"{devices}/{mode}/scores"], single_device.category_scores[mode])
+            np.testing.assert_array_equal(got[f"{devices}/{mode}/near"], single_device.near_ties[mode])
+            np.testing.assert_array_equal(got[f"{devices}/{mode}/ties"], single_device.ties[mode])
