@@ -44,10 +44,17 @@ flags.DEFINE_list("search_metrics", None,
                   "l2-lab, l2-rgb, ssim. Pass 'none' to skip the search.")
 flags.DEFINE_integer("max_subset_size", None, "Largest metric combination searched.")
 flags.DEFINE_integer("bootstrap_resamples", 1000,
-                     "Resamples of the 95% bootstrap intervals of the 2AFC scores in summary.json; 0 skips them.")
+                     "Resamples of the bootstrap intervals of the 2AFC scores and paired differences; 0 skips them.")
+flags.DEFINE_float("confidence", 0.95, "Coverage of every interval; paired tests use the level 1 - confidence.")
+flags.DEFINE_integer("cv_folds", 5, "Folds of the cross-validated selection over triplets (used when the choice "
+                     "is not made on train); 0 skips it.")
+flags.DEFINE_enum("select_on", "auto", ["auto", "train", "cv"],
+                  "Where the held-out best combination and best single tap are chosen: train (choose on the train "
+                  "split, score on --split; computes the train profiles), cv (cross-validate over the triplets "
+                  "of --split), or auto (train when that split exists under --data_dir, else cv).")
 flags.DEFINE_bool("demo", False, "Build a tiny BAPPS-layout set with SYNTHETIC judgments in OUT/demo_data "
                   "and evaluate it; pretrained backbones are used when in torch's hub cache, else RANDOM ones.")
-flags.DEFINE_integer("seed", 0, "Seed of the demo set and the fits.")
+flags.DEFINE_integer("seed", 0, "Seed of the demo set, the fits, the cross-validation folds and the bootstrap resamples.")
 
 
 def _backbones(nets, demo: bool) -> dict[str, lpips_nets.BackboneSource]:
@@ -111,16 +118,31 @@ def main(argv):
     arrays, cache_report = _compute(data_dir, task, FLAGS.split, FLAGS.categories, runners)
     table = bapps_report.assemble(task, FLAGS.split, arrays, infos)
 
+    loaded = {}
+
+    def other_split(name):
+        if name not in loaded:
+            split_arrays, split_cache = _compute(data_dir, task, name, None, runners)
+            loaded[name] = bapps_report.assemble(task, name, split_arrays, infos)
+            for key in cache_report:
+                cache_report[key] += split_cache[key]
+        return loaded[name]
+
     train = None
     fit_split = FLAGS.fit_split
     if task == "2afc" and fit_split and fit_split != FLAGS.split:
         if os.path.isdir(bapps.split_dir(data_dir, task, fit_split)):
-            train_arrays, train_cache = _compute(data_dir, task, fit_split, None, runners)
-            train = bapps_report.assemble(task, fit_split, train_arrays, infos)
-            for key in cache_report:
-                cache_report[key] += train_cache[key]
+            train = other_split(fit_split)
         else:
             logging.info("no %s split under %s: skipping the fitted weightings", fit_split, data_dir)
+
+    selection_train = None
+    has_train = FLAGS.split != "train" and os.path.isdir(bapps.split_dir(data_dir, task, "train"))
+    if task == "2afc" and FLAGS.select_on == "train" and not has_train:
+        raise app.UsageError(f"--select_on=train needs a train split under {data_dir}/2afc other than --split="
+                             f"{FLAGS.split}; use --select_on=cv to cross-validate over the {FLAGS.split} triplets.")
+    if task == "2afc" and FLAGS.select_on != "cv" and has_train:
+        selection_train = other_split("train")
 
     search_metrics = FLAGS.search_metrics
     if search_metrics == ["none"]:
@@ -128,8 +150,14 @@ def main(argv):
     analyses = bapps_report.run_analyses(
         table, infos, search_metrics=search_metrics, max_subset_size=FLAGS.max_subset_size, train=train,
         l1_values=[float(v) for v in FLAGS.l1], fit_steps=FLAGS.fit_steps, seed=FLAGS.seed,
-        bootstrap_resamples=FLAGS.bootstrap_resamples)
+        bootstrap_resamples=FLAGS.bootstrap_resamples, confidence=FLAGS.confidence, cv_folds=FLAGS.cv_folds,
+        selection_train=selection_train)
 
+    select_on = None
+    if selection_train is not None:
+        select_on = selection_train.split
+    elif FLAGS.cv_folds:
+        select_on = "cv"
     summary = bapps_report.summary_dict(table, analyses)
     summary["config"] = {
         "data_dir": os.path.abspath(data_dir), "task": task, "split": FLAGS.split, "nets": nets,
@@ -138,6 +166,9 @@ def main(argv):
                       for net, s in sources.items()},
         "random_backbones": [net for net, s in sources.items() if s.kind == "random"],
         "cache_dir": FLAGS.cache_dir, "fit_split": train.split if train else None,
+        "select_on": select_on,
+        "confidence": FLAGS.confidence, "cv_folds": FLAGS.cv_folds, "seed": FLAGS.seed,
+        "bootstrap_resamples": FLAGS.bootstrap_resamples,
     }
     summary["cache"] = cache_report
     summary["seconds"] = time.perf_counter() - started

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from engine import calibration, lpips, metric_search, scores, store
+from engine import analysis, bapps_statistics, calibration, lpips, metric_search, scores, store, subsets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +118,8 @@ class Analyses:
     sweeps: list[metric_search.SingleLayerSweep] | None = None
     search: metric_search.SubsetSearchResult | None = None
     fits: list[dict[str, Any]] | None = None
+    selection: dict[str, Any] | None = None
+    comparisons: dict[str, Any] | None = None
 
 
 def run_analyses(
@@ -131,6 +133,10 @@ def run_analyses(
     fit_steps: int = 500,
     seed: int = 0,
     bootstrap_resamples: int = 0,
+    confidence: float = 0.95,
+    cv_folds: int = 0,
+    selection_train: SplitTable | None = None,
+    leading: int = 10,
 ) -> Analyses:
     """Run the scores and, for 2AFC, the single-layer sweep, the combination search and the fits.
 
@@ -147,6 +153,13 @@ def run_analyses(
       seed: seed of the fits and the bootstrap.
       bootstrap_resamples: resamples of the paired bootstrap intervals of
         every metric's 2AFC scores (triplets resampled within categories); 0 skips them.
+      confidence: coverage of every interval; the paired tests use the level
+        1 - confidence.
+      cv_folds: folds of the cross-validated selection over the triplets of
+        `table` when `selection_train` is None; 0 skips it.
+      selection_train: a 2AFC split to choose the best combination and the
+        best single tap on; the choice is scored on `table`.
+      leading: leading combinations per mode compared with the best one.
     """
     analyses = Analyses(metric_scores=score_metrics(table))
     if table.task != "2afc":
@@ -155,7 +168,8 @@ def run_analyses(
     if bootstrap_resamples:
         per_item = np.stack([result.per_item for result in analyses.metric_scores.values()])
         analyses.intervals = scores.bootstrap_two_afc(
-            per_item, table.category, table.category_names, num_resamples=bootstrap_resamples, seed=seed)
+            per_item, table.category, table.category_names, num_resamples=bootstrap_resamples, level=confidence,
+            seed=seed)
 
     analyses.sweeps = [
         metric_search.single_layer_sweep(
@@ -174,6 +188,11 @@ def run_analyses(
             d0, d1, table.labels, table.category, len(table.category_names), max_subset_size=max_subset_size,
             metric_names=names, category_names=table.category_names)
 
+    _held_out_selection(table, nets, analyses, names, max_subset_size=max_subset_size, cv_folds=cv_folds,
+                        seed=seed, selection_train=selection_train)
+    _paired_comparisons(table, analyses, names, num_resamples=bootstrap_resamples, level=confidence, seed=seed,
+                        leading=leading)
+
     if train is not None:
         analyses.fits = []
         for net in nets:
@@ -187,6 +206,99 @@ def run_analyses(
                                                          table.category_names),
                     "nonzero_per_tap": calibration.nonzero_per_tap(fit.weights, nets[net].channels)})
     return analyses
+
+
+def _search_distances(table: SplitTable, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    return (np.stack([table.distances[n][0] for n in names], axis=1),
+            np.stack([table.distances[n][1] for n in names], axis=1))
+
+
+def _held_out_selection(table: SplitTable, nets: Mapping[str, NetInfo], analyses: Analyses, names: Sequence[str],
+                        *, max_subset_size: int | None, cv_folds: int, seed: int,
+                        selection_train: SplitTable | None) -> None:
+    """Choose the best combination and single tap on train (or the other folds) and score them held out."""
+    if selection_train is None and not cv_folds:
+        return
+    num_categories = len(table.category_names)
+    selection: dict[str, Any] = {}
+    if selection_train is not None:
+        selection["method"] = f"chosen on {selection_train.split}, scored on {table.split}"
+        selection["train_split"] = selection_train.split
+    else:
+        selection["method"] = (f"{cv_folds}-fold cross-validation over the triplets of {table.split} "
+                               f"(stratified by category, seed {seed})")
+    if analyses.search is not None:
+        search = analyses.search
+        if selection_train is not None:
+            train_search = metric_search.search_metric_subsets(
+                *_search_distances(selection_train, names), selection_train.labels, selection_train.category,
+                len(selection_train.category_names), modes=search.modes, max_subset_size=max_subset_size,
+                metric_names=names, category_names=selection_train.category_names)
+            groups = bapps_statistics.selection_groups(search.masks)
+            selection["combinations"] = {
+                mode: bapps_statistics.select_on_train(
+                    {c: train_search.column(mode, c) for c in bapps_statistics.CRITERIA},
+                    {c: search.column(mode, c) for c in bapps_statistics.CRITERIA},
+                    search.masks, names, groups)
+                for mode in search.modes}
+        else:
+            selection["combinations"] = bapps_statistics.cross_validate_subsets(
+                *_search_distances(table, names), table.labels, table.category, num_categories, names,
+                modes=search.modes, num_folds=cv_folds, seed=seed, max_subset_size=max_subset_size)["modes"]
+    taps = {}
+    for sweep in analyses.sweeps or []:
+        masks = np.left_shift(1, np.arange(len(sweep.taps), dtype=np.int64))
+        tap_labels = [f"{i} ({name})" for i, name in enumerate(sweep.tap_names)]
+        if selection_train is not None:
+            train_sweep = metric_search.single_layer_sweep(
+                *selection_train.profiles[sweep.net], selection_train.labels, selection_train.category,
+                nets[sweep.net].channels, None, category_names=selection_train.category_names, net=sweep.net,
+                tap_names=sweep.tap_names)
+            column = {"mean_of_categories": lambda s: s.mean_of_categories, "pooled_over_triplets": lambda s: s.pooled}
+            per_criterion = bapps_statistics.select_on_train(
+                {c: np.array([column[c](t) for t in train_sweep.taps]) for c in bapps_statistics.CRITERIA},
+                {c: np.array([column[c](t) for t in sweep.taps]) for c in bapps_statistics.CRITERIA},
+                masks, tap_labels, {"overall": np.arange(len(sweep.taps))})
+            taps[sweep.net] = {c: records["overall"] for c, records in per_criterion.items()}
+        else:
+            taps[sweep.net] = bapps_statistics.cross_validate_taps(
+                np.stack([t.per_item for t in sweep.taps]), table.category, num_categories, tap_labels,
+                num_folds=cv_folds, seed=seed)
+    selection["single_taps"] = taps
+    analyses.selection = selection
+
+
+def _paired_comparisons(table: SplitTable, analyses: Analyses, names: Sequence[str], *, num_resamples: int,
+                        level: float, seed: int, leading: int) -> None:
+    """Compare every metric with the best metric, and the leading combinations with the best combination."""
+    num_categories = len(table.category_names)
+    comparisons: dict[str, Any] = {"test": bapps_statistics.SIGN_TEST, "level": level,
+                                   "num_resamples": num_resamples, "criterion": "mean_of_categories"}
+    metric_names = list(analyses.metric_scores)
+    per_item = np.stack([analyses.metric_scores[n].per_item for n in metric_names])
+    means = np.array([analyses.metric_scores[n].mean_of_categories for n in metric_names])
+    comparisons["metrics"] = bapps_statistics.paired_comparison(
+        per_item, metric_names, table.labels, table.category, num_categories, reference=int(np.argmax(means)),
+        num_resamples=num_resamples, level=level, seed=seed)
+    if analyses.search is not None:
+        search = analyses.search
+        d0, d1 = _search_distances(table, names)
+        comparisons["combinations"] = {}
+        for mode in search.modes:
+            order = analysis.subset_order(search.column(mode, "mean_of_categories")[:, None], search.masks)
+            rows = list(order[:leading])
+            ordered_sizes = search.sizes[order]
+            for size in np.unique(search.sizes).tolist():
+                first = int(order[np.argmax(ordered_sizes == size)])
+                if first not in rows:
+                    rows.append(first)
+            labels = [subsets.mask_label(int(search.masks[r]), search.metric_names) for r in rows]
+            per_subset = np.stack([metric_search.subset_triplet_scores(d0, d1, table.labels, int(search.masks[r]),
+                                                                       mode=mode) for r in rows])
+            comparisons["combinations"][mode] = bapps_statistics.paired_comparison(
+                per_subset, labels, table.labels, table.category, num_categories, reference=0,
+                num_resamples=num_resamples, level=level, seed=seed)
+    analyses.comparisons = comparisons
 
 
 def summary_dict(table: SplitTable, analyses: Analyses) -> dict[str, Any]:
@@ -203,6 +315,10 @@ def summary_dict(table: SplitTable, analyses: Analyses) -> dict[str, Any]:
         summary["single_layer"] = [sweep.to_dict() for sweep in analyses.sweeps]
     if analyses.search is not None:
         summary["combinations"] = analyses.search.to_dict()
+    if analyses.selection is not None:
+        summary["held_out_selection"] = analyses.selection
+    if analyses.comparisons is not None:
+        summary["paired_comparisons"] = analyses.comparisons
     if analyses.fits is not None:
         summary["fitted_weightings"] = [
             {"label": row["label"], "net": row["net"], **row["fit"].to_dict(),
@@ -227,10 +343,44 @@ def markdown_report(table: SplitTable, analyses: Analyses, *, header: str = "") 
         parts += ["\n## Metric combinations\n",
                   f"Metrics searched: {', '.join(analyses.search.metric_names)}.\n",
                   metric_search.format_combination_table(analyses.search)]
+    parts += _statistics_sections(table, analyses)
     if analyses.fits:
         parts += [f"\n## Fitted channel weightings (scored on {table.split})\n",
                   calibration.format_fit_table(analyses.fits, table.category_names)]
     return "\n".join(p for p in parts if p)
+
+
+def _statistics_sections(table: SplitTable, analyses: Analyses) -> list[str]:
+    labels = {"mean_of_categories": "mean of categories", "pooled_over_triplets": "pooled over triplets"}
+    parts = []
+    selection = analyses.selection
+    if selection is not None:
+        held_out_label = "cross-validated" if "train_split" not in selection else f"held out ({table.split})"
+        parts += ["\n## Held-out selection\n",
+                  f"Method: {selection['method']}. The in-sample best is chosen and scored on {table.split}; "
+                  f"the {held_out_label} score is that of a choice made without the triplets it scores. "
+                  "Optimism = in-sample best − held-out score.\n"]
+        for mode, per_criterion in (selection.get("combinations") or {}).items():
+            for criterion, records in per_criterion.items():
+                parts += [f"\n### Combinations, {mode}, chosen by {labels[criterion]}\n",
+                          bapps_statistics.format_selection_table(records, held_out_label=held_out_label)]
+        for net, per_criterion in selection["single_taps"].items():
+            parts += [f"\n### Best single tap of {net}\n",
+                      bapps_statistics.format_selection_table(
+                          {labels[c]: r for c, r in per_criterion.items()}, held_out_label=held_out_label)]
+    comparisons = analyses.comparisons
+    if comparisons is not None:
+        parts += ["\n## Paired comparisons\n",
+                  f"Mean of categories x100 on the same triplets. Intervals: {comparisons['level']:.0%} "
+                  f"percentile bootstrap, {comparisons['num_resamples']} resamples of triplets within categories "
+                  f"(n/a when off). Test: {comparisons['test']}. Distinguishable: Holm-adjusted p < "
+                  f"{1 - comparisons['level']:.3g}.\n",
+                  "\n### Every metric against the best metric\n",
+                  bapps_statistics.format_comparison_table(comparisons["metrics"])]
+        for mode, records in (comparisons.get("combinations") or {}).items():
+            parts += [f"\n### Leading {mode} combinations and the best of each size against the best\n",
+                      bapps_statistics.format_comparison_table(records)]
+    return parts
 
 
 def write_scores_csv(path: str, metric_scores: Mapping[str, scores.CategoryScores]) -> None:

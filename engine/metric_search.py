@@ -30,9 +30,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from absl import logging
 from tqdm import tqdm
 
+from engine import distributed
 from engine import lpips as lpips_lib
 from engine import scores as scores_lib
 from engine import subsets
@@ -44,6 +46,7 @@ __all__ = [
     "format_combination_table",
     "format_single_layer_table",
     "format_tap_table",
+    "fold_category_totals",
     "metric_weights",
     "prepare_margins",
     "search_metric_subsets",
@@ -189,7 +192,6 @@ def _judge_limbs(judge: np.ndarray, category: np.ndarray, num_categories: int) -
     return matrix, limb_bits
 
 
-@jax.jit
 def _score_chunk(members: jax.Array, sizes: jax.Array, quantized: jax.Array,
                  limb_matrix: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Decide and aggregate one chunk of subsets.
@@ -214,6 +216,66 @@ def _score_chunk(members: jax.Array, sizes: jax.Array, quantized: jax.Array,
     near_ties = jnp.sum(jnp.abs(total) <= sizes[:, None], axis=1, dtype=jnp.int32)
     ties = jnp.sum(total == 0, axis=1, dtype=jnp.int32)
     return net.astype(jnp.int32), near_ties, ties
+
+
+def _score_masks(quantized: np.ndarray, masks: np.ndarray, limb_matrix: np.ndarray, chunk: int,
+                 topology: distributed.Topology, desc: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run `_score_chunk` over every mask, one chunk of `chunk` subsets per local device and step.
+
+    Every device runs the same program on a chunk of the same shape, whatever
+    the device count, and every output is an integer, so the results are the
+    same bit for bit on any number of devices.
+
+    Args:
+      quantized: int32 `[T, M]` fixed-point margins of one mode.
+      masks: int64 `[S]` subset masks.
+      limb_matrix: float32 `[T, J * K]` limbs of h - 0.5 per column.
+      chunk: subsets per device and step.
+      topology: the local devices.
+      desc: progress-bar label.
+
+    Returns:
+      int64 `[S, J * K]` limb sums, int64 `[S]` near ties, int64 `[S]` ties.
+    """
+    num_masks, num_metrics = masks.shape[0], quantized.shape[1]
+    num_chunks = -(-num_masks // chunk)
+    topology = topology.leading(num_chunks)
+    step = chunk * topology.num_shards
+    spec = distributed.AXIS
+    kernel = topology.per_device(_score_chunk, in_specs=(P(spec), P(spec), P(), P()),
+                                 out_specs=(P(spec), P(spec), P(spec)), key=("metric_search._score_chunk",))
+    quantized_device = topology.shard(np.ascontiguousarray(quantized.T))
+    limbs_device = topology.shard(limb_matrix)
+    net = np.zeros((num_masks, limb_matrix.shape[1]), dtype=np.int64)
+    near_ties = np.zeros(num_masks, dtype=np.int64)
+    ties = np.zeros(num_masks, dtype=np.int64)
+    starts = range(0, num_masks, step)
+    for start in tqdm(starts, desc=desc, disable=len(starts) < 8):
+        stop = min(start + step, num_masks)
+        padded = np.zeros(step, dtype=np.int64)
+        padded[:stop - start] = masks[start:stop]
+        members = subsets.member_matrix(padded, num_metrics).astype(bool)
+        outputs = kernel(topology.shard(members, spec),
+                         topology.shard(subsets.popcount(padded).astype(np.int32), spec),
+                         quantized_device, limbs_device)
+        chunk_net, chunk_near, chunk_ties = (np.asarray(jax.device_get(o))[:stop - start] for o in outputs)
+        net[start:stop] = chunk_net
+        near_ties[start:stop] = chunk_near
+        ties[start:stop] = chunk_ties
+    return net, near_ties, ties
+
+
+def _column_net(quantized: np.ndarray, masks: np.ndarray, judge: np.ndarray, column: np.ndarray,
+                num_columns: int, chunk: int, topology: distributed.Topology, desc: str
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return float64 `[S, K]` sums of sign * (h - 0.5) per column (exact to 2^-42), near ties and ties."""
+    limb_matrix, limb_bits = _judge_limbs(judge, column, num_columns)
+    num_limbs = limb_matrix.shape[1] // num_columns
+    net, near_ties, ties = _score_masks(quantized, masks, limb_matrix, chunk, topology, desc)
+    # Recombine the limbs into one int64 per column: sum_t sign_t * round((h_t - 0.5) 2^42).
+    limb_sums = net.reshape(masks.shape[0], num_limbs, num_columns)
+    fixed = sum(limb_sums[:, j, :] << (j * limb_bits) for j in range(num_limbs))
+    return np.ldexp(fixed.astype(np.float64), -JUDGE_BITS), near_ties, ties
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,11 +449,14 @@ def search_metric_subsets(d0: Any, d1: Any, judge: Any, category: Any, num_categ
                           metric_names: Sequence[str] | None = None,
                           category_names: Sequence[str] | None = None,
                           chunk_size: int | None = None,
-                          memory_budget_bytes: int = 256 << 20) -> SubsetSearchResult:
+                          memory_budget_bytes: int = 256 << 20,
+                          topology: distributed.Topology | None = None) -> SubsetSearchResult:
     """Score every subset of the M metrics on 2AFC, per category, in each mode.
 
     Chunks of subsets run through one jitted kernel (fixed chunk shape, the
-    last chunk padded with empty masks), so the kernel compiles once per mode.
+    last chunk padded with empty masks), so the kernel compiles once. Each
+    step gives one chunk to each local device; the results are identical, bit
+    for bit, for any number of devices.
 
     Args:
       d0: `[T, M]` distances between the reference and p0, one column per metric.
@@ -405,6 +470,8 @@ def search_metric_subsets(d0: Any, d1: Any, judge: Any, category: Any, num_categ
       category_names: `[K]` names for the report (default c0, c1, ...).
       chunk_size: subsets per kernel call; by default sized to `memory_budget_bytes`.
       memory_budget_bytes: memory of the per-chunk `[S, T]` intermediates.
+      topology: the devices to shard the subset chunks over; default every
+        local device (`engine.distributed.local()`).
 
     Returns:
       `SubsetSearchResult` with every subset's scores. Its `best` method picks
@@ -423,38 +490,16 @@ def search_metric_subsets(d0: Any, d1: Any, judge: Any, category: Any, num_categ
     masks = subsets.all_masks(num_metrics, max_size=max_subset_size)
     sizes = subsets.popcount(masks)
     counts = np.bincount(category, minlength=num_categories)
-    limb_matrix, limb_bits = _judge_limbs(judge, category, num_categories)
-    num_limbs = limb_matrix.shape[1] // num_categories
     chunk = chunk_size or _chunk_size(num_triplets, memory_budget_bytes)
     chunk = min(chunk, masks.shape[0])
-    limb_matrix_device = jnp.asarray(limb_matrix)
+    topology = topology or distributed.local()
 
     result_fields: dict[str, dict[str, Any]] = {name: {} for name in (
         "category_scores", "mean_of_categories", "pooled", "near_ties", "ties", "weights", "exponents")}
     for mode in modes:
         margins = prepare_margins(d0, d1, mode)
-        quantized = jnp.asarray(margins.quantized.T)
-        net = np.zeros((masks.shape[0], num_limbs * num_categories), dtype=np.int64)
-        near_ties = np.zeros(masks.shape[0], dtype=np.int64)
-        ties = np.zeros(masks.shape[0], dtype=np.int64)
-
-        starts = range(0, masks.shape[0], chunk)
-        for start in tqdm(starts, desc=f"subsets ({mode})", disable=len(starts) < 8):
-            stop = min(start + chunk, masks.shape[0])
-            padded = np.zeros(chunk, dtype=np.int64)
-            padded[:stop - start] = masks[start:stop]
-            members = subsets.member_matrix(padded, num_metrics).astype(bool)
-            chunk_net, chunk_near, chunk_ties = _score_chunk(
-                jnp.asarray(members), jnp.asarray(subsets.popcount(padded).astype(np.int32)),
-                quantized, limb_matrix_device)
-            net[start:stop] = np.asarray(chunk_net)[:stop - start]
-            near_ties[start:stop] = np.asarray(chunk_near)[:stop - start]
-            ties[start:stop] = np.asarray(chunk_ties)[:stop - start]
-
-        # Recombine the limbs into one int64 per category: sum_t sign_t * round((h_t - 0.5) 2^42).
-        limb_sums = net.reshape(masks.shape[0], num_limbs, num_categories)
-        fixed = sum(limb_sums[:, j, :] << (j * limb_bits) for j in range(num_limbs))
-        category_net = np.ldexp(fixed.astype(np.float64), -JUDGE_BITS)
+        category_net, near_ties, ties = _column_net(margins.quantized, masks, judge, category, num_categories,
+                                                    chunk, topology, f"subsets ({mode})")
         category_scores = 100.0 * (0.5 + category_net / counts)
 
         result_fields["category_scores"][mode] = category_scores
@@ -471,6 +516,52 @@ def search_metric_subsets(d0: Any, d1: Any, judge: Any, category: Any, num_categ
         metric_names=metric_names, category_names=category_names,
         category_counts=tuple(int(c) for c in counts), masks=masks, sizes=sizes, modes=tuple(modes),
         **result_fields)
+
+
+def fold_category_totals(d0: Any, d1: Any, judge: Any, category: Any, num_categories: int, folds: Any,
+                         num_folds: int, *, mode: str, max_subset_size: int | None = None,
+                         chunk_size: int | None = None, memory_budget_bytes: int = 256 << 20,
+                         topology: distributed.Topology | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sum every subset's per-triplet 2AFC scores over the triplets of each (fold, category) cell.
+
+    One search over the columns fold * K + category, so cross-validation
+    costs one pass over the subsets. A cell may be empty. The decisions are
+    the engine's (the same fixed point and standardisation weights as
+    `search_metric_subsets` on all triplets), so summing a row over folds
+    gives that search's score times the category counts.
+
+    Args:
+      d0, d1: `[T, M]` distances.
+      judge: `[T]` fraction of people who chose p1.
+      category: int `[T]` category codes in [0, num_categories).
+      num_categories: K.
+      folds: int `[T]` fold of each triplet in [0, num_folds).
+      num_folds: F.
+      mode: "raw" or "standardized".
+      max_subset_size, chunk_size, memory_budget_bytes, topology: as in
+        `search_metric_subsets`.
+
+    Returns:
+      masks int64 `[S]`, totals float64 `[S, F, K]` (sums of per-triplet
+      scores in [0, 1]), counts int64 `[F, K]` triplets per cell.
+    """
+    d0, d1 = _check_distances(d0, d1)
+    num_triplets, num_metrics = d0.shape
+    judge, category = _check_labels(judge, category, num_triplets, num_categories)
+    folds = np.asarray(folds)
+    if folds.shape != (num_triplets,) or folds.dtype.kind not in "iu" or folds.min() < 0 or folds.max() >= num_folds:
+        raise ValueError(f"folds must be int [T] = [{num_triplets}] with values in [0, {num_folds}); "
+                         f"got shape {folds.shape}, dtype {folds.dtype}.")
+    _check_mode(mode)
+    column = folds.astype(np.int64) * num_categories + category
+    num_columns = num_folds * num_categories
+    masks = subsets.all_masks(num_metrics, max_size=max_subset_size)
+    chunk = min(chunk_size or _chunk_size(num_triplets, memory_budget_bytes), masks.shape[0])
+    net, _, _ = _column_net(prepare_margins(d0, d1, mode).quantized, masks, judge, column, num_columns, chunk,
+                            topology or distributed.local(), f"fold subsets ({mode})")
+    counts = np.bincount(column, minlength=num_columns).astype(np.int64)
+    totals = 0.5 * counts + net
+    return masks, totals.reshape(-1, num_folds, num_categories), counts.reshape(num_folds, num_categories)
 
 
 def search_metric_subsets_reference(d0: Any, d1: Any, judge: Any, category: Any, num_categories: int, *,

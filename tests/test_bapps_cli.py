@@ -83,9 +83,20 @@ def test_2afc_run_writes_outputs_and_reuses_cache(tmp_path, data_dir, monkeypatc
     assert "single_layer" in summary
     assert "bootstrap_intervals" in summary
     assert "combinations" in summary
+    # A train split exists, so the held-out choice is made on train and scored on val.
+    selection = summary["held_out_selection"]
+    assert selection["train_split"] == "train"
+    held = selection["combinations"]["raw"]["mean_of_categories"]["overall"]
+    assert held["in_sample_best"]["score"] >= held["held_out"]
+    assert set(selection["single_taps"]) == {"alex", "squeeze"}
+    comparisons = summary["paired_comparisons"]
+    assert "sign test" in comparisons["test"]
+    assert len(comparisons["metrics"]) == len(summary["scores"])
+    assert comparisons["combinations"]["standardized"][0]["reference"]
     report = open(os.path.join(out, "report.md")).read()
     assert "RANDOM backbone weights" in report
     assert "## Metric combinations" in report
+    assert "## Held-out selection" in report and "## Paired comparisons" in report
 
     # A second run with other analysis settings reads every profile from the
     # cache and never builds a network.
@@ -95,11 +106,17 @@ def test_2afc_run_writes_outputs_and_reuses_cache(tmp_path, data_dir, monkeypatc
     monkeypatch.setattr(lpips_nets, "build_tap_extractor", no_network)
     out2 = str(tmp_path / "out2")
     _run(f"--data_dir={data_dir}/2afc", f"--out_dir={out2}", f"--cache_dir={cache}", "--l1=0.01",
-         "--search_metrics=alex-lin,ssim")
+         "--search_metrics=alex-lin,ssim", "--select_on=cv", "--cv_folds=3", "--confidence=0.9")
     with open(os.path.join(out2, "summary.json")) as f:
         summary2 = json.load(f)
     assert summary2["cache"]["computed"] == []
     assert summary2["scores"] == summary["scores"]
+    selection = summary2["held_out_selection"]
+    assert "3-fold cross-validation" in selection["method"]
+    cv = selection["combinations"]["raw"]["pooled_over_triplets"]["overall"]
+    assert sum(c["folds"] for c in cv["times_chosen"]) == 3
+    assert summary2["paired_comparisons"]["level"] == 0.9
+    assert "cross-validated" in open(os.path.join(out2, "report.md")).read()
 
 
 def test_bad_judge_fails_and_keeps_cache(tmp_path, data_dir):
@@ -107,13 +124,15 @@ def test_bad_judge_fails_and_keeps_cache(tmp_path, data_dir):
 
     data = shutil.copytree(data_dir, str(tmp_path / "data"))
     out, cache = str(tmp_path / "out"), str(tmp_path / "cache")
-    _run(f"--data_dir={data}", f"--out_dir={out}", f"--cache_dir={cache}", "--fit_split=", "--task=2afc")
+    _run(f"--data_dir={data}", f"--out_dir={out}", f"--cache_dir={cache}", "--fit_split=", "--task=2afc",
+         "--select_on=cv")
     before = _tree_digest(cache)
 
     bad = os.path.join(data, "2afc", "val", "superres", "judge", "000001.npy")
     np.save(bad, np.array([2.0], np.float32))
     with pytest.raises(bapps.BappsDataError, match="superres/judge/000001.npy: value 2.0 is outside"):
-        _run(f"--data_dir={data}", f"--out_dir={out}", f"--cache_dir={cache}", "--fit_split=", "--task=2afc")
+        _run(f"--data_dir={data}", f"--out_dir={out}", f"--cache_dir={cache}", "--fit_split=", "--task=2afc",
+         "--select_on=cv")
     assert _tree_digest(cache) == before
 
 
