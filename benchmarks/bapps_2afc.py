@@ -11,6 +11,7 @@ analysis settings does not run the networks again.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from absl import app, flags, logging
@@ -85,24 +86,23 @@ def _header(task, split, data_dir, sources, demo) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv):
-    del argv
+def _run():
     if not FLAGS.out_dir:
-        raise app.UsageError("--out_dir is required.")
+        raise _InputError("--out_dir is required.")
     started = time.perf_counter()
     nets = [lpips_nets.get_net(n).name for n in FLAGS.nets]
 
     data_dir = FLAGS.data_dir
     if FLAGS.demo:
         if data_dir:
-            raise app.UsageError("--demo builds and evaluates its own set in OUT/demo_data; drop --data_dir, "
+            raise _InputError("--demo builds and evaluates its own set in OUT/demo_data; drop --data_dir, "
                                  "or drop --demo to evaluate the data there.")
         data_dir = os.path.join(FLAGS.out_dir, "demo_data")
         if not os.path.isdir(os.path.join(data_dir, "2afc")):
             bapps_demo.build_demo_set(data_dir, seed=FLAGS.seed)
         logging.warning(bapps_demo.SYNTHETIC_NOTE)
     if not data_dir:
-        raise app.UsageError("--data_dir is required (or pass --demo).")
+        raise _InputError("--data_dir is required (or pass --demo).")
     task = FLAGS.task
     if task == "auto":
         task = "2afc" if FLAGS.demo else bapps.detect_task(data_dir, FLAGS.split)
@@ -139,7 +139,7 @@ def main(argv):
     selection_train = None
     has_train = FLAGS.split != "train" and os.path.isdir(bapps.split_dir(data_dir, task, "train"))
     if task == "2afc" and FLAGS.select_on == "train" and not has_train:
-        raise app.UsageError(f"--select_on=train needs a train split under {data_dir}/2afc other than --split="
+        raise _InputError(f"--select_on=train needs a train split under {data_dir}/2afc other than --split="
                              f"{FLAGS.split}; use --select_on=cv to cross-validate over the {FLAGS.split} triplets.")
     if task == "2afc" and FLAGS.select_on != "cv" and has_train:
         selection_train = other_split("train")
@@ -149,7 +149,7 @@ def main(argv):
         search_metrics = []
     analyses = bapps_report.run_analyses(
         table, infos, search_metrics=search_metrics, max_subset_size=FLAGS.max_subset_size, train=train,
-        l1_values=[float(v) for v in FLAGS.l1], fit_steps=FLAGS.fit_steps, seed=FLAGS.seed,
+        l1_values=_l1_values(), fit_steps=FLAGS.fit_steps, seed=FLAGS.seed,
         bootstrap_resamples=FLAGS.bootstrap_resamples, confidence=FLAGS.confidence, cv_folds=FLAGS.cv_folds,
         selection_train=selection_train)
 
@@ -182,6 +182,33 @@ def main(argv):
     store.write_text(os.path.join(out, "report.md"), report)
     logging.info("wrote %s in %.1f s", ", ".join(f"{out}/{n}" for n in
                  ("scores.csv", "distances.csv", "summary.json", "report.md")), summary["seconds"])
+
+
+class _InputError(ValueError):
+    """Bad flags, reported to the user in one line."""
+
+
+def _l1_values() -> list[float]:
+    try:
+        values = [float(v) for v in FLAGS.l1]
+    except ValueError as e:
+        raise _InputError(f"--l1 must be a list of non-negative numbers, got {FLAGS.l1}.") from e
+    if any(v < 0 for v in values):
+        raise _InputError(f"--l1 must be non-negative, got {FLAGS.l1}.")
+    return values
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        _run()
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        # Data and weight errors name the file and the fix; a traceback would only bury them.
+        # Cached profiles and outputs written before the error stay on disk.
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -135,14 +135,40 @@ def _load() -> store.FeatureSet:
     return store.load_features(features_dir, names)
 
 
+def _validate_flags(num_queries: int) -> int:
+    """Reject invalid flags before any work; return the number of cross-validation folds to use."""
+    if FLAGS.memory_budget_gb <= 0:
+        raise _InputError(f"--memory_budget_gb must be > 0, got {FLAGS.memory_budget_gb}.")
+    if FLAGS.max_subset_size is not None and FLAGS.max_subset_size < 1:
+        raise _InputError(f"--max_subset_size must be >= 1, got {FLAGS.max_subset_size}.")
+    if not 0.0 < FLAGS.confidence < 1.0:
+        raise _InputError(f"--confidence must lie in (0, 1), e.g. 0.95; got {FLAGS.confidence}.")
+    if FLAGS.bootstrap < 0:
+        raise _InputError(f"--bootstrap must be >= 0 resamples (0 disables intervals), got {FLAGS.bootstrap}.")
+    if FLAGS.cv_folds < 0 or FLAGS.cv_folds == 1:
+        raise _InputError(f"--cv_folds must be 0 (off) or at least 2, got {FLAGS.cv_folds}.")
+    if os.path.exists(FLAGS.out_dir) and not os.path.isdir(FLAGS.out_dir):
+        raise _InputError(f"--out_dir {FLAGS.out_dir!r} is an existing file; name a directory.")
+    cv_folds = FLAGS.cv_folds
+    if cv_folds > num_queries:
+        if flags.FLAGS["cv_folds"].present:
+            raise _InputError(f"--cv_folds={cv_folds} is more than the {num_queries} queries; use at most "
+                              f"{num_queries} folds, or 0 to skip cross-validation.")
+        logging.warning("cross-validation skipped: the default %d folds need at least %d queries, this set has %d.",
+                        cv_folds, cv_folds, num_queries)
+        cv_folds = 0
+    if FLAGS.fit_weights and cv_folds < 2:
+        raise _InputError(f"--fit_weights scores the fit on held-out folds; it needs --cv_folds >= 2 and at least "
+                          f"that many queries (got {FLAGS.cv_folds} folds, {num_queries} queries).")
+    return cv_folds
+
+
 def _add_statistics(source: similarity.SimilaritySource, result: retrieval.SearchResult,
-                    analyses: dict) -> dict:
-    if FLAGS.fit_weights and FLAGS.cv_folds < 2:
-        raise _InputError(f"--fit_weights scores the fit on held-out folds; set --cv_folds >= 2 (got {FLAGS.cv_folds}).")
-    if not FLAGS.bootstrap and not FLAGS.cv_folds:
+                    analyses: dict, cv_folds: int) -> dict:
+    if not FLAGS.bootstrap and not cv_folds:
         return analyses
     stats = search_statistics.compute(result, num_resamples=FLAGS.bootstrap, level=FLAGS.confidence,
-                                      cv_folds=FLAGS.cv_folds, seed=FLAGS.seed)
+                                      cv_folds=cv_folds, seed=FLAGS.seed)
     analyses = search_statistics.annotate(result, analyses, stats)
     if FLAGS.fit_weights:
         options = weight_fit.FitOptions(hard_per_member=FLAGS.fit_hard_per_member,
@@ -164,6 +190,7 @@ def run() -> dict[str, str]:
     ks = _parse_ks()
     features = _load()
     retrieval.validate_ks(ks, features.num_gallery)
+    cv_folds = _validate_flags(features.num_queries)
     masks = None
     if FLAGS.subsets:
         masks = [subsets.parse_subset(text, features.names) for text in FLAGS.subsets]
@@ -192,7 +219,7 @@ def run() -> dict[str, str]:
         logging.info("process %d done; process 0 writes the outputs", topology.process_index)
         return {}
     analyses = analysis.analyse(result, top=FLAGS.top)
-    analyses = _add_statistics(source, result, analyses)
+    analyses = _add_statistics(source, result, analyses, cv_folds)
 
     manifest = features.manifest or {}
     notes = []
@@ -236,7 +263,6 @@ def main(argv: list[str]) -> None:
     except (_InputError, store.FeatureStoreError, ValueError, KeyError, MemoryError, FileNotFoundError,
             RuntimeError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        logging.error("%s", message)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
 

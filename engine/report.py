@@ -317,7 +317,7 @@ def write_figures(result: retrieval.SearchResult, analyses: Mapping[str, Any], o
     ax.set_xlabel("subset size")
     ax.set_ylabel(f"best recall@{k0}")
     ax.set_title("Best subset of each size" + (" (bars: bootstrap intervals)" if _has_intervals(analyses) else ""))
-    ax.legend()
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     save(fig, "best_by_size.png")
 
     fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.5), squeeze=False)

@@ -102,7 +102,7 @@ def assign_folds(num_items: int, num_folds: int, *, seed: int, strata: Any = Non
     """
     if not 2 <= num_folds <= num_items:
         raise ValueError(f"cross-validation needs 2 <= folds <= items; got {num_folds} folds for "
-                         f"{num_items} items. Use e.g. --cv_folds=5, or 0 to skip cross-validation.")
+                         f"{num_items} items. Use at most {num_items} folds (--cv_folds), or 0 to skip cross-validation.")
     rng = np.random.default_rng(seed)
     codes = _check_strata(strata, num_items)
     groups = [np.arange(num_items)] if codes is None else [np.flatnonzero(codes == c) for c in range(codes.max() + 1)]

@@ -54,6 +54,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        # mkstemp creates the file readable by its owner only; give the result
+        # the permissions an ordinary open() would, following the umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -198,6 +203,11 @@ def load_features(
             raise FeatureStoreError(f"representation names repeat in {names}; list each once.")
     left, right = [], []
     for name in names:
+        if not os.path.isdir(os.path.join(features_dir, name)):
+            raise FeatureStoreError(
+                f"{os.path.join(features_dir, MANIFEST_NAME)} lists representation {name!r}, but "
+                f"{os.path.join(features_dir, name)} does not exist. Extract it, or remove {name!r} from the "
+                "manifest's representations.")
         left.append(_load_npy(os.path.join(features_dir, name, LEFT_NAME)))
         right.append(_load_npy(os.path.join(features_dir, name, RIGHT_NAME)))
     features = FeatureSet(
@@ -241,11 +251,19 @@ def features_from_arrays(
     left: Sequence[np.ndarray],
     right: Sequence[np.ndarray],
 ) -> FeatureSet:
-    """Build and validate a FeatureSet from in-memory arrays (the Python API)."""
+    """Build and validate a FeatureSet from in-memory arrays (the Python API).
+
+    float64 arrays (numpy's default) are converted to float32, the precision
+    the engine computes in; other dtypes than float32 and float16 are rejected.
+    """
+    def as_supported(array):
+        array = np.asarray(array)
+        return array.astype(np.float32) if array.dtype == np.float64 else array
+
     features = FeatureSet(
         names=tuple(str(n) for n in names),
-        left=tuple(np.asarray(a) for a in left),
-        right=tuple(np.asarray(a) for a in right))
+        left=tuple(as_supported(a) for a in left),
+        right=tuple(as_supported(a) for a in right))
     validate_features(features)
     return features
 

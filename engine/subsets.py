@@ -71,7 +71,10 @@ def parse_subset(text: str, names: Sequence[str]) -> int:
         part = part.strip()
         if part not in names:
             raise ValueError(f"unknown representation {part!r} in subset {text!r}; valid names: {list(names)}.")
-        members.append(names.index(part))
+        index = names.index(part)
+        if index in members:
+            raise ValueError(f"representation {part!r} repeats in subset {text!r}; list each member once.")
+        members.append(index)
     return mask_of(members)
 
 

@@ -129,3 +129,28 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         store.write_json(path, {"a": object()})
     assert json.loads(path.read_text()) == {"a": 1}
     assert os.listdir(tmp_path) == ["out.json"]
+
+
+def test_manifest_entry_without_directory(tmp_path):
+    rng = np.random.default_rng(8)
+    root = _write_store(tmp_path, {"a": _features(rng)}, manifest={"representations": ["a", "zz"]})
+    with pytest.raises(store.FeatureStoreError, match="lists representation 'zz'.*remove 'zz' from the manifest"):
+        store.load_features(root)
+
+
+def test_arrays_api_converts_float64():
+    rng = np.random.default_rng(9)
+    left, right = rng.standard_normal((4, 3)), rng.standard_normal((5, 3))
+    features = store.features_from_arrays(["a"], [left], [right])
+    assert features.left[0].dtype == np.float32
+    with pytest.raises(store.FeatureStoreError, match="dtype int64 is not supported"):
+        store.features_from_arrays(["a"], [left.astype(np.int64)], [right])
+
+
+def test_written_files_follow_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        store.write_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    assert (os.stat(tmp_path / "x.json").st_mode & 0o777) == 0o644

@@ -96,6 +96,10 @@ def test_cli_summary_contents(tiny_run):
         (["--representations=alpha,delta"], "unknown representation(s) ['delta']"),
         (["--modes=raw,zscore"], "unknown mode 'zscore'"),
         (["--subsets=alpha+omega"], "unknown representation 'omega'"),
+        (["--subsets=alpha+alpha"], "'alpha' repeats in subset"),
+        (["--memory_budget_gb=0"], "--memory_budget_gb must be > 0"),
+        (["--confidence=2"], "--confidence must lie in (0, 1)"),
+        (["--cv_folds=41"], "--cv_folds=41 is more than the 40 queries"),
     ],
 )
 def test_cli_rejects_bad_flags_before_work(tiny_store, tmp_path, extra, message):
@@ -142,3 +146,13 @@ def test_main_job_without_flags(tmp_path):
     assert "already extracted" in repeat.stderr
     repeat_summary = json.loads((tmp_path / "out" / "subset_search" / "summary.json").read_text())
     assert repeat_summary["analyses"]["modes"] == summary["analyses"]["modes"]
+
+
+def test_cli_rejects_out_dir_that_is_a_file(tiny_store, tmp_path):
+    root, _, _ = tiny_store
+    blocker = tmp_path / "out"
+    blocker.write_text("not a directory")
+    completed = _run(f"--features_dir={root}", f"--out_dir={blocker}")
+    assert completed.returncode == 1
+    assert "is an existing file" in completed.stderr
+    assert blocker.read_text() == "not a directory"
