@@ -29,12 +29,13 @@ def data_dir(tmp_path_factory):
         count_jnd=4)
 
 
-def _run(*args: str) -> None:
+def _run(*args: str, entry_point=None) -> None:
+    """Run the CLI's work in-process with these flags; errors propagate as exceptions."""
     FLAGS.unparse_flags()
     FLAGS(["bapps_2afc", "--nets=alex,squeeze", "--random_backbone_seed=0", "--fit_steps=20",
            "--batch_size=4", *args])
     try:
-        bapps_2afc.main([])
+        (entry_point or bapps_2afc._run)()
     finally:
         FLAGS.unparse_flags()
 
@@ -162,3 +163,13 @@ def test_unknown_net_and_category(tmp_path, data_dir):
     with pytest.raises(bapps.BappsDataError, match="unknown category \\['deblur'\\]"):
         _run(f"--data_dir={data_dir}", "--task=2afc", f"--out_dir={tmp_path}", "--categories=deblur",
              "--cache_dir=")
+
+
+def test_main_reports_errors_in_one_line(tmp_path, data_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _run(f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--nets=resnet",
+             entry_point=lambda: bapps_2afc.main(["bapps_2afc"]))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown LPIPS net 'resnet'")
+    assert "Traceback" not in err
