@@ -15,6 +15,7 @@ outputs identical to an uninterrupted run.
 from __future__ import annotations
 
 import json
+import logging as python_logging
 import os
 import time
 from collections.abc import Mapping
@@ -32,6 +33,17 @@ FINGERPRINT = "fingerprint.json"
 
 class ResumeError(ValueError):
     """A checkpoint directory that does not belong to this run."""
+
+
+class _HideOrbaxInfo(python_logging.Filter):
+    """Drop orbax-checkpoint's INFO records (dozens per save) from the absl log; keep its warnings."""
+
+    def filter(self, record: python_logging.LogRecord) -> bool:
+        return record.levelno >= python_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+# orbax logs through absl; the filter sits on absl's logger, which every absl.logging call uses.
+python_logging.getLogger("absl").addFilter(_HideOrbaxInfo())
 
 
 class RunCheckpoint:
