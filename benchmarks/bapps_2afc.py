@@ -17,7 +17,7 @@ import time
 from absl import app, flags, logging
 
 from engine import bapps_pipeline, bapps_report, store
-from extractors import bapps, bapps_demo, lpips_nets
+from extractors import bapps, bapps_demo, lpips_nets, registry
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "BAPPS root holding 2afc/ and jnd/ (or one of those folders).")
@@ -42,7 +42,11 @@ flags.DEFINE_list("l1", ["0", "1e-3"], "L1 penalties of the fitted weightings, o
 flags.DEFINE_integer("fit_steps", 500, "Optimiser steps per fitted weighting.")
 flags.DEFINE_list("search_metrics", None,
                   "Metrics of the combination search; default: each net's -lin and uncalibrated distance, "
-                  "l2-lab, l2-rgb, ssim. Pass 'none' to skip the search.")
+                  "l2-lab, l2-rgb, ssim and every --retrieval_metrics. Pass 'none' to skip the search.")
+flags.DEFINE_list("retrieval_metrics", [],
+                  "Retrieval representations (registry names or groups, e.g. effnet_lite0,color_hist) scored as "
+                  "the distance 1 - cosine of their embeddings; they join the score table and the search.")
+flags.DEFINE_string("weights_dir", None, "Directory searched first for the weights of --retrieval_metrics.")
 flags.DEFINE_integer("max_subset_size", None, "Largest metric combination searched.")
 flags.DEFINE_integer("bootstrap_resamples", 1000,
                      "Resamples of the bootstrap intervals of the 2AFC scores and paired differences; 0 skips them.")
@@ -66,11 +70,28 @@ def _backbones(nets, demo: bool) -> dict[str, lpips_nets.BackboneSource]:
             for net in nets}
 
 
-def _compute(data_dir, task, split, categories, runners):
+def _embedders(nets) -> list:
+    if not FLAGS.retrieval_metrics:
+        return []
+    entries = registry.resolve(FLAGS.retrieval_metrics)
+    reserved = set(nets) | set(bapps_pipeline.BASELINES)
+    clashes = [e.name for e in entries if e.name in reserved or any(e.name.startswith(f"{n}-") for n in nets)]
+    if clashes:
+        raise _InputError(f"--retrieval_metrics {clashes} share a name with an LPIPS or baseline metric; "
+                          "drop them or the clashing net.")
+    for entry in entries:
+        # Raises MissingWeightsError, naming the published file and where to put it.
+        entry.find_weights(FLAGS.weights_dir)
+    options = registry.BuildOptions(weights_dir=FLAGS.weights_dir, device=FLAGS.device,
+                                    trust_checkpoints=FLAGS.trust_checkpoints, seed=FLAGS.seed)
+    return [bapps.embedding_runner(entry, options) for entry in entries]
+
+
+def _compute(data_dir, task, split, categories, runners, embedders):
     split_files = bapps.read_split(data_dir, task, split, categories)
     arrays, cache_report = bapps_pipeline.compute_split(
         split_files, runners, image_loader=bapps.load_images, load_size=bapps.LOAD_SIZE,
-        cache_dir=FLAGS.cache_dir or None, batch_size=FLAGS.batch_size)
+        cache_dir=FLAGS.cache_dir or None, batch_size=FLAGS.batch_size, embedders=embedders)
     return arrays, cache_report
 
 
@@ -115,14 +136,15 @@ def _run():
                                        lpips_nets.get_net(net).tap_names)
              for net in nets}
 
-    arrays, cache_report = _compute(data_dir, task, FLAGS.split, FLAGS.categories, runners)
+    embedders = _embedders(nets)
+    arrays, cache_report = _compute(data_dir, task, FLAGS.split, FLAGS.categories, runners, embedders)
     table = bapps_report.assemble(task, FLAGS.split, arrays, infos)
 
     loaded = {}
 
     def other_split(name):
         if name not in loaded:
-            split_arrays, split_cache = _compute(data_dir, task, name, None, runners)
+            split_arrays, split_cache = _compute(data_dir, task, name, None, runners, embedders)
             loaded[name] = bapps_report.assemble(task, name, split_arrays, infos)
             for key in cache_report:
                 cache_report[key] += split_cache[key]
@@ -147,6 +169,9 @@ def _run():
     search_metrics = FLAGS.search_metrics
     if search_metrics == ["none"]:
         search_metrics = []
+    elif search_metrics is None:
+        search_metrics = (bapps_report.default_search_metrics(table, nets)
+                          + [e.name for e in embedders])
     analyses = bapps_report.run_analyses(
         table, infos, search_metrics=search_metrics, max_subset_size=FLAGS.max_subset_size, train=train,
         l1_values=_l1_values(), fit_steps=FLAGS.fit_steps, seed=FLAGS.seed,
@@ -161,6 +186,7 @@ def _run():
     summary = bapps_report.summary_dict(table, analyses)
     summary["config"] = {
         "data_dir": os.path.abspath(data_dir), "task": task, "split": FLAGS.split, "nets": nets,
+        "retrieval_metrics": {e.name: e.fingerprint["representation"] for e in embedders},
         "lpips_version": FLAGS.lpips_version, "demo": FLAGS.demo, "synthetic_judgments": FLAGS.demo,
         "backbones": {net: {"kind": s.kind, "path": s.path, "seed": s.seed, "fingerprint": s.fingerprint}
                       for net, s in sources.items()},

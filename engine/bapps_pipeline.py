@@ -8,6 +8,12 @@ misses the cache, so a run whose profiles are all cached never touches PyTorch.
 For 2AFC each category gets `profile0` and `profile1` [T, C] per net (pairs
 (ref, p0) and (ref, p1)) and `d0`, `d1` [T] per baseline. For JND it gets
 `profile` [T, C] per net (pair (p0, p1)) and `d` [T] per baseline.
+
+Retrieval representations arrive the same way, as an `EmbeddingRunner` whose
+embedding function is built on first use. Their embeddings of every image
+(`ref`, `p0`, `p1` or `p0`, `p1`, [T, D] each) are cached per category and
+representation. The engine turns them into the cosine distance
+1 - cos(f(a), f(b)), stored beside the baselines under the representation's name.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ PIPELINE_VERSION = 1
 BASELINES = ("l2-lab", "l2-rgb", "ssim", "ssim-rgb")
 
 Extract = Callable[[np.ndarray], Sequence[np.ndarray]]
+Embed = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +58,46 @@ class NetRunner:
     make_extract: Callable[[], Extract]
 
 
+@dataclasses.dataclass(frozen=True)
+class EmbeddingRunner:
+    """One retrieval representation used as a distance: its name, fingerprint and embedding factory.
+
+    Attributes:
+      name: the metric name, the representation's registry name ("effnet_lite0").
+      fingerprint: every setting that changes the embeddings (the representation's fingerprint).
+      make_embed: returns a function from images [B, H, W, 3] in [-1, 1] to
+        features [B, D]; `compute_split` calls it once, at the first category
+        whose embeddings are not cached.
+    """
+
+    name: str
+    fingerprint: Mapping[str, Any]
+    make_embed: Callable[[], Embed]
+
+
+def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Return 1 - cos(a_t, b_t) per row, float64 [T], for features a, b [T, D].
+
+    A zero vector has no direction; its cosine with anything is taken as 0
+    (distance 1). The cosine is clipped to [-1, 1], so that rounding cannot put
+    a distance outside [0, 2].
+    """
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    dots = np.einsum("td,td->t", a, b)
+    cosine = np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
+    return 1.0 - np.clip(cosine, -1.0, 1.0)
+
+
+def embedding_distances(task: str, embeddings: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Return {"d0", "d1"} (2AFC: ref vs p0, ref vs p1) or {"d"} (JND: p0 vs p1), [T] each."""
+    if task == "2afc":
+        return {"d0": cosine_distance(embeddings["ref"], embeddings["p0"]),
+                "d1": cosine_distance(embeddings["ref"], embeddings["p1"])}
+    return {"d": cosine_distance(embeddings["p0"], embeddings["p1"])}
+
+
 @dataclasses.dataclass
 class CategoryArrays:
     """The arrays of one category.
@@ -60,7 +107,8 @@ class CategoryArrays:
       stems: [T] file stems.
       labels: [T] judge (2AFC) or same (JND).
       profiles: net -> {"profile0", "profile1"} (2AFC) or {"profile"} (JND), [T, C] each.
-      baselines: metric -> {"d0", "d1"} (2AFC) or {"d"} (JND), [T] each.
+      baselines: metric -> {"d0", "d1"} (2AFC) or {"d"} (JND), [T] each; the
+        baselines first, then one cosine distance per retrieval representation.
     """
 
     name: str
@@ -79,6 +127,7 @@ def compute_split(
     cache_dir: str | None,
     batch_size: int = 50,
     with_baselines: bool = True,
+    embedders: Sequence[EmbeddingRunner] = (),
 ) -> tuple[list[CategoryArrays], dict[str, Any]]:
     """Return the arrays of every category of `split`, from the cache where valid.
 
@@ -91,11 +140,13 @@ def compute_split(
       cache_dir: the cache root; None disables caching.
       batch_size: images per forward pass.
       with_baselines: also compute the L2 (Lab, RGB) and SSIM distances.
+      embedders: retrieval representations whose cosine distances join the baselines.
 
     Returns:
       (arrays per category, cache report: entries loaded, computed, invalid).
     """
     extracts: dict[str, Extract] = {}
+    embeds: dict[str, Embed] = {}
     report = {"loaded": [], "computed": []}
     results = []
     for category in split.categories:
@@ -136,9 +187,43 @@ def compute_split(
                 if cache_dir:
                     profile_cache.save(cache_dir, where, "baselines", baseline_fingerprint, _flatten(baselines))
                 report["computed"].append(f"{'/'.join(where)}/baselines")
+        for embedder in embedders:
+            embeddings = _category_embeddings(split.task, category, embedder, embeds, base, where, image_loader,
+                                              cache_dir, batch_size, report)
+            arrays.baselines[embedder.name] = embedding_distances(split.task, embeddings)
         results.append(arrays)
     logging.info("profiles: %d cache entries loaded, %d computed", len(report["loaded"]), len(report["computed"]))
     return results, report
+
+
+def _category_embeddings(task, category, embedder, embeds, base, where, image_loader, cache_dir, batch_size,
+                         report) -> dict[str, np.ndarray]:
+    kind = f"embedding-{embedder.name}"
+    fingerprint = {**base, "representation": dict(embedder.fingerprint)}
+    cached = profile_cache.load(cache_dir, where, kind, fingerprint) if cache_dir else None
+    if cached is not None:
+        report["loaded"].append(f"{'/'.join(where)}/{kind}")
+        return cached
+    if embedder.name not in embeds:
+        embeds[embedder.name] = embedder.make_embed()
+    folders = ("ref", "p0", "p1") if task == "2afc" else ("p0", "p1")
+    parts: dict[str, list[np.ndarray]] = {f: [] for f in folders}
+    count = len(category.stems)
+    for start in tqdm(range(0, count, batch_size), desc=f"{task}/{category.name}/{embedder.name}", unit="batch",
+                      leave=False):
+        stop = min(start + batch_size, count)
+        for folder in folders:
+            features = np.asarray(embeds[embedder.name](image_loader(category.images[folder][start:stop])),
+                                  np.float32)
+            if features.ndim != 2 or features.shape[0] != stop - start:
+                raise ValueError(f"{embedder.name}: the extractor returned features of shape {features.shape} "
+                                 f"for {stop - start} images of {category.name}/{folder}; expected [B, D].")
+            parts[folder].append(features)
+    embeddings = {folder: np.concatenate(chunks) for folder, chunks in parts.items()}
+    if cache_dir:
+        profile_cache.save(cache_dir, where, kind, fingerprint, embeddings)
+    report["computed"].append(f"{'/'.join(where)}/{kind}")
+    return embeddings
 
 
 def _flatten(baselines: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -236,3 +237,36 @@ def load_images(paths: Sequence[str], load_size: int = LOAD_SIZE) -> np.ndarray:
             f"images of one batch have different sizes {sorted(shapes)} after resizing (first: {paths[0]}); "
             "BAPPS patches are square, so check the files.")
     return np.stack(images)
+
+
+def embedding_runner(entry: Any, options: Any) -> Any:
+    """Return an `engine.bapps_pipeline.EmbeddingRunner` for a retrieval representation.
+
+    The extractor is built on first use, so a run whose embeddings are all
+    cached never imports torch. Each patch, as loaded here (64 pixels, values
+    in [-1, 1]), goes back to an 8-bit RGB image and through the entry's own
+    preprocessing, which resizes it to the input size the entry expects.
+
+    Args:
+      entry: an `extractors.registry.Representation`.
+      options: the `extractors.registry.BuildOptions` it is built with.
+    """
+    from engine import bapps_pipeline
+
+    def make_embed():
+        import torch
+
+        extractor = entry.build(options)
+        variable = dict(extractor.representation.config).get("variable_input_size", False)
+
+        def embed(images: np.ndarray) -> np.ndarray:
+            pixels = np.clip(np.rint((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+            inputs = [extractor.preprocess(Image.fromarray(image)) for image in pixels]
+            batch = inputs if variable else torch.utils.data.default_collate(inputs)
+            with torch.inference_mode():
+                return np.asarray(extractor.embed(batch), dtype=np.float32)
+
+        return embed
+
+    fingerprint = {"representation": entry.fingerprint(), "input": "bapps patch as 8-bit RGB"}
+    return bapps_pipeline.EmbeddingRunner(entry.name, fingerprint, make_embed)
