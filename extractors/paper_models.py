@@ -84,17 +84,22 @@ OPENPOSE_TRUNK = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512,
 OPENPOSE_STAGE_CONVS = {1: 5, 2: 7, 3: 7, 4: 7, 5: 7, 6: 7}
 
 
-def openpose_trunk() -> nn.Sequential:
-    """Build the OpenPose VGG-19 trunk, whose convolutions have keys 0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25."""
+def vgg_layers(config, in_channels: int) -> list[nn.Module]:
+    """Build VGG-style layers: 3x3 convolution + ReLU per channel count, 2x2 max pooling per "M"."""
     layers: list[nn.Module] = []
-    channels = 3
-    for item in OPENPOSE_TRUNK:
+    channels = in_channels
+    for item in config:
         if item == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             continue
         layers += [nn.Conv2d(channels, item, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
         channels = item
-    return nn.Sequential(*layers)
+    return layers
+
+
+def openpose_trunk() -> nn.Sequential:
+    """Build the OpenPose VGG-19 trunk, whose convolutions have keys 0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25."""
+    return nn.Sequential(*vgg_layers(OPENPOSE_TRUNK, 3))
 
 
 def openpose_stage_keys() -> list[str]:
@@ -144,15 +149,7 @@ class EdgeMAC(nn.Module):
     def __init__(self):
         super().__init__()
         self.edge_filter = EdgeFilter()
-        layers: list[nn.Module] = []
-        channels = 1
-        for item in VGG16_CONVS:
-            if item == "M":
-                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-                continue
-            layers += [nn.Conv2d(channels, item, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
-            channels = item
-        self.features = nn.Sequential(*layers)
+        self.features = nn.Sequential(*vgg_layers(VGG16_CONVS, 1))
 
     @staticmethod
     def conv_key_names() -> list[tuple[str, str]]:
