@@ -111,7 +111,10 @@ class SimilaritySource:
         """
         indices = np.asarray(indices)
         if self._matrices is not None:
-            stacked = np.stack([np.asarray(m[indices], dtype=np.float32) for m in self._matrices])
+            rows = indices
+            if indices.size and np.array_equal(indices, np.arange(indices[0], indices[0] + indices.size)):
+                rows = slice(int(indices[0]), int(indices[0]) + indices.size)   # a view: one copy fewer
+            stacked = np.stack([np.asarray(m[rows], dtype=np.float32) for m in self._matrices])
             return topology.shard(stacked, None, distributed.AXIS, None)
         right = self._replicated_right(topology)
         kernel = topology.per_device(
@@ -204,11 +207,12 @@ def from_matrices(names: Sequence[str], matrices: Sequence[np.ndarray]) -> Simil
         if matrix.shape[1] < matrix.shape[0] or matrix.shape[0] < 1:
             raise ValueError(f"similarity matrix {name!r} has shape {matrix.shape}; need 1 <= N <= G "
                              "(column i is the true match of row i).")
-        finite = np.isfinite(matrix)
-        if not finite.all():
-            row, col = np.argwhere(~finite)[0]
+        # One pass: the maximum of |Φ| is NaN or inf exactly when an entry is.
+        bound = float(np.max(np.abs(matrix)))
+        if not np.isfinite(bound):
+            row, col = np.argwhere(~np.isfinite(matrix))[0]
             raise ValueError(f"similarity matrix {name!r} has a non-finite value at [{row}, {col}].")
-        bounds.append(float(np.abs(matrix).max()))
+        bounds.append(bound)
     value_bounds = np.maximum(np.array(bounds), np.finfo(np.float32).tiny)
     return SimilaritySource(
         names=names,
