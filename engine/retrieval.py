@@ -915,6 +915,44 @@ def _quantized_candidates(fixed: FixedPoint, candidates: Candidates, start: int,
     return diff, _quantize_bound(fixed, candidates.upper[start:stop], diag_q, num_members)
 
 
+# Below this many (pair, item) cells, undecided pairs are counted in numpy: a
+# new kernel shape would cost more to compile (about a second) than it saves.
+_DIRECT_CELLS = 1 << 24
+
+
+def _count_pairs_directly(diff: np.ndarray, tolerance: np.ndarray, masks: np.ndarray, counted: np.ndarray,
+                          ks: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Count the (query, subset) pairs marked in `counted` over all items, in int64.
+
+    The same integer decisions as `count_block` with no bound (every item is
+    present): rank = min(#outranking, K_max), near-tie when the ambiguous
+    items could move the rank across a requested K.
+
+    Args:
+      diff: int [b, C, M] differences over the items that can count.
+      tolerance: int [M] per-member tolerance.
+      masks: int64 [S] subset masks (columns of `counted`).
+      counted: bool [b, S] the pairs to count.
+      ks: requested K values, ascending.
+
+    Returns:
+      rank int [b, S] and near_tie bool [b, S], filled at the counted pairs.
+    """
+    num_members = diff.shape[2]
+    rank = np.zeros(counted.shape, np.int64)
+    near = np.zeros(counted.shape, bool)
+    tolerance = np.asarray(tolerance, np.int64)
+    for row, column in zip(*np.nonzero(counted)):
+        members = subsets.mask_members(int(masks[column]), num_members)
+        total = diff[row][:, members].astype(np.int64).sum(axis=1)
+        tol = int(tolerance[members].sum())
+        outranking = int((total >= 0).sum())
+        ambiguous = int((np.abs(total) <= tol).sum())
+        rank[row, column] = min(outranking, ks[-1])
+        near[row, column] = any((outranking - ambiguous < k) != (outranking + ambiguous < k) for k in ks)
+    return rank, near
+
+
 def _drop_hopeless_items(diff: np.ndarray, tolerance: np.ndarray, sentinel: int) -> np.ndarray:
     """Keep, per query, only the gallery items that can count for some subset.
 
@@ -972,7 +1010,10 @@ def _resolve_undecided(context: _Context, fixed: FixedPoint, counter: _Counter, 
             counted = np.zeros((block_rows.size, counter.masks.size), bool)
             for i, (_, columns) in enumerate(members[part]):
                 counted[i, columns] = True
-            rank, near, _ = counter.count(diff, upper, tolerance, needed=counted.any(axis=0))
+            if counted.sum() * diff.shape[1] <= _DIRECT_CELLS:
+                rank, near = _count_pairs_directly(diff, fixed.tolerance, counter.masks, counted, context.ks)
+            else:
+                rank, near, _ = counter.count(diff, upper, tolerance, needed=counted.any(axis=0))
             counts.add(rank, near, counted, block_rows, keep, context.ks, first_row)
 
 

@@ -207,3 +207,17 @@ def test_memory_budget_too_small_is_rejected():
     features = synthetic.make_features(num_queries=100, num_members=3, dim=8, seed=22)
     with pytest.raises(MemoryError, match="--memory_budget_gb"):
         retrieval.search(similarity.from_features(features), memory_budget_gb=1e-6, progress=False)
+
+
+def test_undecided_pairs_kernel_and_direct_paths_agree(monkeypatch):
+    # Few undecided pairs are counted in numpy, many with the kernel; both
+    # must give identical ranks and near-ties.
+    features = synthetic.make_features(num_queries=120, num_gallery=150, num_members=5, dim=16, noise=0.6, seed=23)
+    source = similarity.from_features(features)
+    direct = retrieval.search(source, candidates_per_member=1, progress=False)
+    assert direct.modes["raw"].undecided_pairs > 0
+    monkeypatch.setattr(retrieval, "_DIRECT_CELLS", 0)
+    kernel = retrieval.search(source, candidates_per_member=1, progress=False)
+    for mode in ("raw", "standardized"):
+        np.testing.assert_array_equal(direct.modes[mode].ranks, kernel.modes[mode].ranks)
+        np.testing.assert_array_equal(direct.modes[mode].near_tie_pairs, kernel.modes[mode].near_tie_pairs)
