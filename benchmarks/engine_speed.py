@@ -60,7 +60,7 @@ def _sample_masks(num_members: int, count: int, rng: np.random.Generator) -> np.
 
 
 def naive_recall_at_1(matrices: list[np.ndarray], mask: int) -> int:
-    """The first loop: sum the members' matrices, argmax per row, count hits."""
+    """Sum the members' matrices, take each row's argmax and count the hits (the first loop)."""
     members = subsets.mask_members(mask, len(matrices))
     total = matrices[members[0]].copy()
     for k in members[1:]:

@@ -41,7 +41,7 @@ Embed = Callable[[np.ndarray], np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class NetRunner:
-    """What the pipeline needs of one distance net.
+    """The settings and extractor factory of one distance net, as the pipeline uses them.
 
     Attributes:
       name: the net's name, used in metric names ("alex").

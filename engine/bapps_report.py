@@ -142,7 +142,7 @@ def run_analyses(
 
     Args:
       table: the evaluated split.
-      nets: the nets whose profiles `table` holds.
+      nets: the nets whose profiles `table` contains.
       search_metrics: metric names for the combination search; None searches
         `default_search_metrics`, an empty list skips the search.
       max_subset_size: largest combination searched.

@@ -126,7 +126,7 @@ def cross_validate_subsets(d0: Any, d1: Any, judge: Any, category: Any, num_cate
 
     Returns:
       {"folds": F, "seed", "fold_sizes", "modes": {mode: {criterion: {group: record}}}}. A record
-      holds the cross-validated score x100, the in-sample best, their difference
+      contains the cross-validated score x100, the in-sample best, their difference
       ("optimism") and how many folds chose each subset.
     """
     category = np.asarray(category, np.int64)

@@ -4,10 +4,10 @@ A run's directory contains one folder per process P. `process_P/fingerprint.json
 records what the run computes (inputs, names, K values, modes, subsets,
 candidate count; see `engine.retrieval.search`). One orbax CheckpointManager
 per stage stores `process_P/candidates` (the similarity pass, saved once) and
-`process_P/mode_I` (progress of mode I, saved every `every_seconds`). Each
-process reads and writes only its own files, so processes never wait on
-each other to save. Every
-saved state is a complete, consistent prefix of the work, so a run killed at
+`process_P/mode_I` (progress of mode I, saved every `every_seconds`).
+NOTE: only single-process runs may checkpoint; `search` rejects a
+checkpoint with several processes, because orbax-checkpoint 0.12 writes
+numpy state from process 0 only. Every saved state is a complete, consistent prefix of the work, so a run killed at
 any moment, even by SIGKILL, resumes from its last state and ends with
 outputs identical to an uninterrupted run.
 """

@@ -24,13 +24,14 @@ Algorithm (exact for the capped rank min(rank, K_max)).
    for every subset at once, the candidates that outrank the true match.
 3. A (query, subset) pair is decided when at least K_max candidates
    outrank the match beyond rounding doubt (it fails every K), or when the
-   bound says no non-candidate can reach the match. The rare undecided pairs
-   are recomputed over the whole gallery with the same kernel.
+   bound shows that no non-candidate can reach the match. The rare undecided
+   pairs are recomputed over every gallery item that can still count, with
+   the same kernel, or with the same integer rules in numpy when they are few.
 
 Execution. Query rows split over the local devices (`jax.shard_map`) and
 over processes (`jax.distributed`); see engine.distributed for why the counts
 do not depend on either. The kernel evaluates the subset space in chunks of
-the high half-table, and memory holds per-subset counts plus per-query results
+the high half-table, and memory keeps per-subset counts plus per-query results
 for the current block only. When the per-query ranks of every subset do not
 fit the budget, they are kept for the singles and the leading subsets (see
 ModeResult). With a `resume.RunCheckpoint`, progress is saved between blocks
@@ -424,8 +425,8 @@ def _candidate_block(phi: jax.Array, rows: jax.Array, *, stride: int, sample_ran
     A member's threshold θ_k(i) is the `sample_rank`-th largest value of
     every `stride`-th gallery item (the true match excluded), so about
     stride * sample_rank items reach it. Candidates are the items that reach
-    the threshold in at least one member; every other item is below θ_k(i)
-    in every member k, which makes θ the bound on non-candidates. With
+    the threshold in at least one member. Every other item is below θ_k(i)
+    in every member k, so θ bounds the non-candidates. With
     `complete`, every item but the match is a candidate and θ = −inf.
 
     Returns values [B, M, capacity], valid [B, capacity], diagonal [B, M],
@@ -580,7 +581,7 @@ def _sentinel(num_members: int) -> int:
 
 
 def _subset_sums(x: jax.Array, axis: int) -> jax.Array:
-    """All 2^m subset sums along `axis` (length m), index = bitmask of that axis."""
+    """Return all 2^m subset sums along `axis` (length m), indexed by the bitmask of that axis."""
     sums = jnp.zeros_like(jax.lax.slice_in_dim(x, 0, 1, axis=axis)) if x.shape[axis] else None
     if sums is None:
         shape = list(x.shape)
@@ -959,8 +960,8 @@ def _drop_hopeless_items(diff: np.ndarray, tolerance: np.ndarray, sentinel: int)
     An item whose difference is below −tolerance_k in every member k has a
     subset sum below −tolerance_S for every subset S (weights are
     non-negative), so it neither outranks the match nor is ambiguous. The kept
-    items come first; the width is the largest count in the block rounded up
-    to a power of two (few distinct kernel shapes), padded with the sentinel.
+    items come first. The width is the largest count in the block rounded up
+    to a power of two, which keeps kernel shapes few, and padding is the sentinel.
 
     Args:
       diff: int64 [b, G, M] quantised differences, the match already the sentinel.

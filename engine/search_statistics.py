@@ -8,7 +8,7 @@ the similarities. `annotate` adds to the analyses of `engine.analysis`:
   leading subsets, ablation): the percentile bootstrap interval of its
   recall counts;
 - to every leading subset, best-per-size entry and ablation entry: the paired
-  comparison with the best subset at the first K. It holds the difference,
+  comparison with the best subset at the first K. It contains the difference,
   its paired bootstrap interval, the discordant queries, the exact McNemar
   p-value and the Holm-adjusted p-value within that list. The entry is
   distinguishable from the best when the adjusted p < 1 − level;

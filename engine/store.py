@@ -43,7 +43,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     """Yield a temporary path beside `path` and rename it onto `path` on success.
 
     The temporary file keeps the final suffix so that libraries which append
-    one (numpy, matplotlib) write exactly where they are told. On an exception
+    one (numpy, matplotlib) write exactly to that path. On an exception
     the temporary file is removed and `path` is left as it was.
     """
     path = os.fspath(path)
@@ -142,7 +142,7 @@ def list_representations(features_dir: str | os.PathLike[str]) -> list[str]:
         if os.path.isfile(os.path.join(features_dir, entry, LEFT_NAME)))
     if not names:
         raise FeatureStoreError(
-            f"feature store {features_dir!r} holds no representation: expected "
+            f"feature store {features_dir!r} contains no representation: expected "
             f"sub-directories with {LEFT_NAME} and {RIGHT_NAME}.")
     return names
 

@@ -1,6 +1,6 @@
 """Seeded synthetic retrieval problems for benchmarks and tests.
 
-Each pair i has a latent vector z_i. Representation k sees its own random
+Each pair i has a latent vector z_i. Representation k observes its own random
 selection of latent dimensions through a random projection. Both sides get
 noise, part of it shared by all representations of an image (errors that no
 combination can average away) and part independent, plus a shared offset so
@@ -37,7 +37,7 @@ def make_features(
       num_members: M.
       dim: D, the same for every representation.
       latent_dim: size of each pair's latent vector.
-      dims_per_member: latent dimensions each representation sees.
+      dims_per_member: latent dimensions each representation observes.
       noise: standard deviation of the per-entry noise; the signal has unit
         variance per entry. Larger is harder; the default gives
         single-representation recall@1 of about 4% at N = G = 6,016 and

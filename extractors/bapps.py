@@ -95,7 +95,7 @@ def detect_task(data_dir: str, split: str) -> str:
     if not found:
         raise BappsDataError(
             f"{data_dir}: neither 2afc/{split} nor jnd/{split} exists. Point --data_dir at the folder "
-            "that holds the unpacked BAPPS archives (2afc/ and jnd/).")
+            "that contains the unpacked BAPPS archives (2afc/ and jnd/).")
     raise BappsDataError(f"{data_dir} contains both 2afc/{split} and jnd/{split}; pass --task=2afc or --task=jnd.")
 
 

@@ -156,7 +156,7 @@ def load_checkpoint(
       latin1: decode Python 2 byte strings as latin-1 (files saved under Python 2).
 
     Raises:
-      CheckpointError: unreadable file, or one that holds a type outside the
+      CheckpointError: unreadable file, or one that contains a type outside the
         allowlist (the message names the type and the way to trust the file).
     """
     kwargs: dict[str, Any] = {"map_location": "cpu"}
@@ -175,7 +175,7 @@ def load_checkpoint(
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         blocked = found.group(1) if found else _first_line(e)
         raise CheckpointError(
-            f"{path}: the checkpoint holds {blocked}, which is outside the safe allowlist. "
+            f"{path}: the checkpoint contains {blocked}, which is outside the safe allowlist. "
             "It was not loaded because unpickling it could run code. If you trust this file, pass "
             "--trust_checkpoints.") from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
@@ -204,7 +204,7 @@ def as_tensor_state_dict(state_dict: Mapping[str, Any], *, source: str) -> dict[
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(np.ascontiguousarray(value))
         if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{source}: key {key!r} holds a {type(value).__name__}, not a tensor.")
+            raise CheckpointError(f"{source}: key {key!r} contains a {type(value).__name__}, not a tensor.")
         converted[key] = value
     return converted
 

@@ -187,7 +187,7 @@ def tll_folders(data_dir: str) -> PairDataset:
     left_files, right_files = _list_images(left_dir), _list_images(right_dir)
     if not left_files:
         raise DatasetError(f"{left_dir}: contains no image ({', '.join(IMAGE_SUFFIXES)}). Point --data_dir "
-                           "at the TLL folder that holds left/ and right/.")
+                           "at the TLL folder that contains left/ and right/.")
     only_left = sorted(set(left_files) - set(right_files))
     only_right = sorted(set(right_files) - set(left_files))
     if only_left or only_right:
@@ -228,7 +228,7 @@ def tll_side_by_side(data_dir: str, *, rows: int = 245, width: int = 400, split:
 
 
 def tll(data_dir: str, **crop: int) -> PairDataset:
-    """Read TLL in whichever layout `data_dir` holds: folders when left/ exists, else side by side."""
+    """Read TLL in whichever layout `data_dir` contains: folders when left/ exists, else side by side."""
     if os.path.isdir(os.path.join(data_dir, "left")) or os.path.isdir(os.path.join(data_dir, "right")):
         return tll_folders(data_dir)
     return tll_side_by_side(data_dir, **crop)

@@ -572,7 +572,7 @@ def _retrieval_entry(name: str, *, whitening: str | None, scales: tuple[float, .
         input_spec=_RETRIEVAL_SPEC,
         weights=WeightsSource(file_name="retrievalSfM120k-resnet101-gem-b80fb85.pth", url=_RETRIEVAL_URL,
                               license="MIT (cnnimageretrieval-pytorch)",
-                              notes="dict with state_dict and meta; meta['Lw'] holds the learned whitening."),
+                              notes="dict with state_dict and meta; meta['Lw'] contains the learned whitening."),
         layer="layer4",
         pooling="gem" + ("+whitening" if whitening else ""),
         builder=_build_retrieval,

@@ -37,7 +37,7 @@ def validate_spec(spec: InputSpec) -> None:
 
 
 def resize_and_crop(image: Image.Image, spec: InputSpec) -> Image.Image:
-    """Resize, centre-crop and pad an RGB PIL image as `spec` says."""
+    """Resize, centre-crop and pad an RGB PIL image as `spec` specifies."""
     validate_spec(spec)
     image = resize_image(image.convert("RGB"), spec)
     if spec.crop is not None:

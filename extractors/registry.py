@@ -21,7 +21,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclasses.dataclass(frozen=True)
 class WeightsSource:
-    """Where a representation's weights come from.
+    """The source of a representation's weights.
 
     Attributes:
       file_name: the published file name, looked up in --weights_dir and then
@@ -48,7 +48,7 @@ class WeightsSource:
 
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
-    """How an RGB image becomes the network input.
+    """The preprocessing that turns an RGB image into the network input.
 
     Attributes:
       resize: shorter side in pixels, an exact (height, width), or None to keep the size.

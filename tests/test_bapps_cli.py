@@ -97,7 +97,8 @@ def test_2afc_run_writes_outputs_and_reuses_cache(tmp_path, data_dir, monkeypatc
     report = open(os.path.join(out, "report.md")).read()
     assert "RANDOM backbone weights" in report
     assert "## Metric combinations" in report
-    assert "## Held-out selection" in report and "## Paired comparisons" in report
+    assert "## Held-out selection" in report
+    assert "## Paired comparisons" in report
 
     # A second run with other analysis settings reads every profile from the
     # cache and never builds a network.

@@ -29,7 +29,9 @@ def test_demo_default_size():
 def test_demo_every_photo_loads_offline():
     for name in demo.PHOTOS:
         photo = demo.load_photo(name)
-        assert photo.ndim == 3 and photo.shape[2] == 3 and photo.dtype == np.uint8, name
+        assert photo.ndim == 3, name
+        assert photo.shape[2] == 3, name
+        assert photo.dtype == np.uint8, name
         assert min(photo.shape[:2]) >= 150, name
 
 

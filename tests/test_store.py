@@ -85,7 +85,7 @@ def test_zero_row_rejected(tmp_path):
 def test_missing_and_empty_directories(tmp_path):
     with pytest.raises(store.FeatureStoreError, match="does not exist"):
         store.load_features(tmp_path / "nope")
-    with pytest.raises(store.FeatureStoreError, match="holds no representation"):
+    with pytest.raises(store.FeatureStoreError, match="contains no representation"):
         store.load_features(tmp_path)
 
 
