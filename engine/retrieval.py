@@ -78,12 +78,14 @@ class Candidates:
     """Mode-independent per-query data from the similarity pass.
 
     Attributes:
-      values: float32 [N, M, C], Φ_k(i, j) for the candidate items j of query i.
-      valid: bool [N, C]; False marks padding and repeated items.
+      values: float32 [N, C, M], Φ_k(i, j) for the candidate items j of query i.
+      valid: bool [N, C]; False marks padding.
       diagonal: float32 [N, M], Φ_k(i, i).
       upper: float32 [N, M], bound on Φ_k(i, j) for every non-candidate j
         (−inf when the candidates are the whole gallery, +inf when the query
         had more candidates than fit, so that no bound holds).
+      leading: int32 [N], how many leading candidates are near the match's
+        score in some member; queries are counted in this order.
       mean, std: float64 [M], population moments of each Φ_k over all N rows.
       first_row: global index of the first query row. A process keeps its own
         contiguous rows, and the other fields cover only those rows.
@@ -93,6 +95,7 @@ class Candidates:
     valid: np.ndarray
     diagonal: np.ndarray
     upper: np.ndarray
+    leading: np.ndarray
     mean: np.ndarray
     std: np.ndarray
     first_row: int = 0
@@ -374,6 +377,8 @@ def _fingerprint(source, ks, modes, weights, masks, per_member, tile, topology, 
         "candidates_per_member": per_member,
         "similarity_tile_rows": tile,
         "process_count": topology.process_count,
+        # Version of the saved candidate arrays; a checkpoint of another layout cannot resume.
+        "candidate_layout": 2,
         "ranks": "all subsets" if all_ranks else f"singles and {rank_subsets} leading subsets",
     }
 
@@ -417,43 +422,100 @@ def _block_rows(bytes_per_row: int, budget: int, *, maximum: int, fraction: floa
 # Pass 1: similarity blocks -> candidates and moments.
 
 
+def _sample_threshold(sample: jax.Array, rank: int, iterations: int = 14) -> jax.Array:
+    """Return, per row of `sample` [..., S], a value t with at least `rank` entries >= t.
+
+    Bisection between the row's smallest finite entry and its largest ends
+    within (max − min) / 2^iterations below the rank-th largest entry. It
+    replaces `lax.top_k`, which costs twice as much on XLA:CPU (jax 0.10);
+    any such t gives a valid bound, so the candidates change, never the results.
+    """
+    low = jnp.min(jnp.where(jnp.isneginf(sample), jnp.inf, sample), axis=-1)
+    high = jnp.max(sample, axis=-1)
+
+    def halve(_, bounds):
+        low, high = bounds
+        middle = low + 0.5 * (high - low)
+        enough = jnp.sum(sample >= middle[..., None], axis=-1) >= rank
+        return jnp.where(enough, middle, low), jnp.where(enough, high, middle)
+
+    return jax.lax.fori_loop(0, iterations, halve, (low, high))[0]
+
+
+def _row_cumsum(x: jax.Array, chunk: int = 128) -> jax.Array:
+    """Inclusive cumulative sum of int32 [B, G] along axis 1, in two levels.
+
+    Within-chunk sums plus chunk offsets: about 3x faster than jnp.cumsum on
+    XLA:CPU (jax 0.10) for rows of thousands of entries.
+    """
+    rows, length = x.shape
+    if length <= 2 * chunk:
+        return jnp.cumsum(x, axis=1)
+    padded = -(-length // chunk) * chunk
+    parts = jnp.pad(x, ((0, 0), (0, padded - length))).reshape(rows, padded // chunk, chunk)
+    inner = jnp.cumsum(parts, axis=2)
+    offsets = jnp.cumsum(inner[:, :, -1], axis=1) - inner[:, :, -1]
+    return (inner + offsets[:, :, None]).reshape(rows, padded)[:, :length]
+
+
 @partial(jax.jit, static_argnames=("stride", "sample_rank", "capacity", "complete"))
-def _candidate_block(phi: jax.Array, rows: jax.Array, *, stride: int, sample_rank: int,
+def _candidate_block(phi: jax.Array, rows: jax.Array, margin: jax.Array, *, stride: int, sample_rank: int,
                      capacity: int, complete: bool):
     """Reduce similarity rows [M, B, G] of the queries `rows` [B] to their candidates.
 
-    A member's threshold θ_k(i) is the `sample_rank`-th largest value of
-    every `stride`-th gallery item (the true match excluded), so about
-    stride * sample_rank items reach it. Candidates are the items that reach
-    the threshold in at least one member. Every other item is below θ_k(i)
-    in every member k, so θ bounds the non-candidates. With
+    A member's threshold θ_k(i) lies just below the `sample_rank`-th largest
+    value of every `stride`-th gallery item (the true match excluded), so
+    about stride * sample_rank items reach it. Candidates are the items that
+    reach the threshold in at least one member. Every other item is below
+    θ_k(i) in every member k, so θ bounds the non-candidates. With
     `complete`, every item but the match is a candidate and θ = −inf.
 
-    Returns values [B, M, capacity], valid [B, capacity], diagonal [B, M],
+    Candidates within `margin` [M] of the match's score in some member (up to
+    rounding, the only ones that can outrank it in some subset) take the
+    leading slots, so that the counting kernel can stop early; `leading` [B]
+    counts them.
+
+    Returns values [B, capacity, M], valid [B, capacity], diagonal [B, M],
     thresholds [B, M], overflow [B] (more candidates than capacity, so the
-    bound does not hold), and row moments [M, B] (mean, squared deviations).
+    bound does not hold), leading [B], and row moments [M, B] (mean, squared
+    deviations).
     """
     num_members, block, gallery = phi.shape
-    is_diagonal = jnp.arange(gallery)[None, :] == rows[:, None]
-    diagonal = jnp.sum(jnp.where(is_diagonal[None], phi, 0.0), axis=2)
-    masked = jnp.where(is_diagonal[None], -jnp.inf, phi)
+    here = jnp.arange(block)
+    diagonal = phi[:, here, rows]                                                   # [M, B]
+    is_match = jnp.zeros((block, gallery), bool).at[here, rows].set(True)
     if complete:
         threshold = jnp.full((num_members, block), -jnp.inf, phi.dtype)
-        union = ~is_diagonal
+        union = ~is_match
     else:
-        # Only the values of top_k are used and they are reduced with min:
-        # slicing a top_k output makes XLA:CPU (jax 0.10) fall back to a
-        # full sort, about 20x slower.
-        sample_values, _ = jax.lax.top_k(masked[:, :, ::stride], sample_rank)
-        threshold = jnp.min(sample_values, axis=-1)
-        union = jnp.any(masked >= threshold[..., None], axis=0)
-    count = union.sum(axis=1)
-    index = jax.vmap(lambda row: jnp.nonzero(row, size=capacity, fill_value=0)[0])(union)
+        sample = phi[:, :, ::stride]
+        # The match never sets its own threshold.
+        on_grid = jnp.where(rows % stride == 0, -jnp.inf, jnp.inf).astype(phi.dtype)
+        sample = sample.at[:, here, rows // stride].min(jnp.broadcast_to(on_grid, (num_members, block)))
+        threshold = _sample_threshold(sample, sample_rank)
+        union = jnp.any(phi >= threshold[..., None], axis=0) & ~is_match
+    near_match = jnp.any(phi >= (diagonal - margin[:, None])[..., None], axis=0)
+    leading = union & near_match
+    other = union & ~near_match
+    # Slots: the leading candidates in gallery order, then the others.
+    if gallery < 1 << 16:
+        # Both running counts share one int32.
+        running = _row_cumsum(leading.astype(jnp.int32) + (other.astype(jnp.int32) << 16))
+        running_leading, running_other = running & 0xFFFF, running >> 16
+    else:
+        running_leading = _row_cumsum(leading.astype(jnp.int32))
+        running_other = _row_cumsum(other.astype(jnp.int32))
+    num_leading = running_leading[:, -1]
+    count = num_leading + running_other[:, -1]
+    slot = jnp.where(leading, running_leading - 1,
+                     jnp.where(other, num_leading[:, None] + running_other - 1, capacity))
+    index = jnp.zeros((block, capacity), jnp.int32).at[here[:, None], slot].set(
+        jnp.broadcast_to(jnp.arange(gallery, dtype=jnp.int32), (block, gallery)), mode="drop")
     valid = jnp.arange(capacity)[None, :] < count[:, None]
     values = jnp.take_along_axis(phi, jnp.broadcast_to(index[None], (num_members,) + index.shape), axis=2)
     mean, squared_deviations = similarity.row_moments(phi)
-    return (jnp.transpose(values, (1, 0, 2)), valid, diagonal.T, threshold.T, count > capacity,
-            mean, squared_deviations)
+    return (jnp.transpose(values, (1, 2, 0)), valid, diagonal.T, threshold.T, count > capacity,
+            jnp.minimum(num_leading, capacity), mean, squared_deviations)
 
 
 def candidate_layout(num_members: int, num_gallery: int, per_member: int) -> dict[str, int | bool]:
@@ -494,53 +556,73 @@ def collect_candidates(
     layout = candidate_layout(m, g, per_member)
     capacity = layout["capacity"]
     local = last - first
-    values = np.empty((local, m, capacity), np.float32)
+    values = np.empty((local, capacity, m), np.float32)
     valid = np.empty((local, capacity), bool)
     diagonal = np.empty((local, m), np.float32)
     upper = np.empty((local, m), np.float32)
     overflow = np.empty(local, bool)
+    leading = np.empty(local, np.int32)
     row_mean = np.empty((local, m), np.float32)
     row_m2 = np.empty((local, m), np.float32)
+    margin = leading_margin(source)
     axis = distributed.AXIS
 
     def kernel_on(devices: distributed.Topology):
         return devices.per_device(
-            partial(_candidate_block, **layout), in_specs=(P(None, axis, None), P(axis)),
-            out_specs=(P(axis), P(axis), P(axis), P(axis), P(axis), P(None, axis), P(None, axis)),
+            partial(_candidate_block, **layout), in_specs=(P(None, axis, None), P(axis), P()),
+            out_specs=(P(axis),) * 6 + (P(None, axis),) * 2,
             key=("candidates",) + tuple(sorted(layout.items())))
+
+    filled = []
+
+    def store_rows(start: int, stop: int, out) -> None:
+        rows = stop - start
+        out = jax.device_get(out)
+        here = slice(start - first, stop - first)
+        # Candidates are packed first: copying only the used slots leaves the
+        # rest of `values` untouched (fresh memory costs far more than copying).
+        used = int(out[1][:rows].sum(axis=1).max())
+        values[here, :used], valid[here] = out[0][:rows, :used], out[1][:rows]
+        filled.append((here, used))
+        diagonal[here], upper[here] = out[2][:rows], out[3][:rows]
+        overflow[here], leading[here] = out[4][:rows], out[5][:rows]
+        row_mean[here], row_m2[here] = out[6][:, :rows].T, out[7][:, :rows].T
+        reporter.update(rows)
 
     step = tile * topology.num_shards
     reporter = _Progress("similarity pass", local, enabled=progress)
     for start in range(first, last, step):
         stop = min(start + step, last)
-        rows = stop - start
         # Padding repeats the last row; every device used gets a full tile.
-        devices = topology.leading(-(-rows // tile))
+        devices = topology.leading(-(-(stop - start) // tile))
         indices = np.minimum(np.arange(start, start + tile * devices.num_shards), stop - 1).astype(np.int32)
-        phi = source.tile_rows(indices, devices)
-        out = jax.device_get(kernel_on(devices)(phi, devices.shard(indices, axis)))
-        here = slice(start - first, stop - first)
-        values[here], valid[here] = out[0][:rows], out[1][:rows]
-        diagonal[here], upper[here] = out[2][:rows], out[3][:rows]
-        overflow[here] = out[4][:rows]
-        row_mean[here], row_m2[here] = out[5][:, :rows].T, out[6][:, :rows].T
-        reporter.update(rows)
+        phi = source.tile_rows(indices, devices, reuse_buffer=True)
+        store_rows(start, stop, kernel_on(devices)(phi, devices.shard(indices, axis), devices.shard(margin)))
     # A query with more candidates than capacity has no valid bound.
     upper[overflow] = np.inf
-    # Candidates are packed first, so trailing slots that no query uses can go.
-    # The trimmed copy briefly doubles the largest array, so trim only when it saves a quarter.
+    # Candidates are packed first: slots that no query uses are left out (a view, not a copy).
     used = int(valid.sum(axis=1).max()) if local else 0
     width = min(capacity, max(1, -(-used // 32) * 32))
-    if width > 0.75 * capacity:
-        width = capacity
+    for here, tile_used in filled:
+        values[here, tile_used:width] = 0.0
     mean, std = similarity.combine_row_moments(topology.gather_rows(row_mean).T, topology.gather_rows(row_m2).T, g)
-    candidates = Candidates(values=np.ascontiguousarray(values[:, :, :width]),
-                            valid=np.ascontiguousarray(valid[:, :width]),
-                            diagonal=diagonal, upper=upper, mean=mean, std=std, first_row=first)
+    candidates = Candidates(values=values[:, :width], valid=valid[:, :width], diagonal=diagonal, upper=upper,
+                            leading=leading, mean=mean, std=std, first_row=first)
     if checkpoint is not None:
         arrays = {f.name: getattr(candidates, f.name) for f in dataclasses.fields(Candidates) if f.name != "first_row"}
         checkpoint.save("candidates", arrays, {"first_row": first})
     return candidates
+
+
+def leading_margin(source: similarity.SimilaritySource) -> np.ndarray:
+    """Per-member float32 margin [M] of the leading candidates (see `_candidate_block`).
+
+    Twice the error bound plus 2^-17 of the value bound covers the tolerance
+    of the built-in modes with room to spare. A custom weighting that the
+    margin does not cover only makes counting slower, never wrong: the
+    counting kernel finds its own exact stopping point.
+    """
+    return (2.0 * source.error_bounds + 2.0 ** -17 * source.value_bounds).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------
@@ -572,6 +654,19 @@ class FixedPoint:
     def quantize(self, values: np.ndarray) -> np.ndarray:
         """Quantise float values [..., M] (member axis last) to int64."""
         return np.rint(np.asarray(values, np.float64) * (self.scale * self.weights)).astype(np.int64)
+
+    def differences(self, values: np.ndarray, diagonal: np.ndarray) -> np.ndarray:
+        """Return int32 q(values) − q(diagonal) for values [b, C, M] and diagonal [b, M].
+
+        The same numbers as `quantize` (the subtraction of two integers is
+        exact in float64), with fewer passes over memory. Every difference
+        fits in int32 by the choice of `scale`.
+        """
+        factor = self.scale * self.weights
+        q = np.multiply(values, factor, dtype=np.float64)
+        np.rint(q, out=q)
+        q -= np.rint(np.multiply(diagonal, factor, dtype=np.float64))[:, None, :]
+        return q.astype(np.int32)
 
 
 # Every member of a padded or repeated candidate gets this difference, so any
@@ -609,6 +704,41 @@ def _decide(outranking, ambiguous, bound, tol, ks):
 # Two counts below 2^15 fit in one int32: the low 16 bits and the high 15.
 _PACKED_LIMIT = 1 << 16
 _PACKED_MAX_CANDIDATES = 1 << 15
+# Candidates per loop iteration of the counting kernels.
+_UNROLL = 4
+
+
+def _counting_order(differences: jax.Array, tolerance: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Return differences [C', B, M] (candidate axis first, padded to a multiple of _UNROLL)
+    and the number of loop iterations that reach every candidate that can count.
+
+    A candidate whose difference is below −tolerance_k in every member k has
+    a subset sum below −tolerance_S for every subset S (weights are
+    non-negative), so it neither outranks the match nor is ambiguous. The
+    loop stops after the last candidate, over the block's rows, that can.
+    """
+    block, num_candidates, num_members = differences.shape
+    pad = -num_candidates % _UNROLL
+    if pad:
+        differences = jnp.pad(differences, ((0, 0), (0, pad), (0, 0)), constant_values=_sentinel(num_members))
+    can_count = jnp.any(differences >= -tolerance, axis=(0, 2))                           # [C']
+    last = jnp.max(jnp.where(can_count, jnp.arange(can_count.size, dtype=jnp.int32) + 1, 0))
+    return jnp.transpose(differences, (1, 0, 2)), (last + _UNROLL - 1) // _UNROLL
+
+
+def _unrolled_loop(iterations: jax.Array, body, init):
+    """fori_loop over `iterations` steps of _UNROLL candidates each; body(candidate, carry)."""
+    def step(i, carry):
+        for u in range(_UNROLL):
+            carry = body(i * _UNROLL + u, carry)
+        return carry
+
+    return jax.lax.fori_loop(0, iterations, step, init)
+
+
+def _membership(num_members: int) -> np.ndarray:
+    """int32 [m, 2^m]: entry (k, mask) is 1 when bit k of mask is set."""
+    return ((np.arange(1 << num_members)[None, :] >> np.arange(num_members)[:, None]) & 1).astype(np.int32)
 
 
 @partial(jax.jit, static_argnames=("low_members", "ks", "high_count"))
@@ -617,7 +747,7 @@ def count_block(differences: jax.Array, upper: jax.Array, tolerance: jax.Array, 
     """Count, for every subset, the candidates that outrank the true match.
 
     Args:
-      differences: int32 [C, B, M], q_k(i, j) − q_k(i, i) per candidate j.
+      differences: int32 [B, C, M], q_k(i, j) − q_k(i, i) per candidate j.
       upper: int32 [B, M], bound on the difference of every non-candidate.
       tolerance: int32 [M], per-member error bound of a difference.
       high_start: first value of the high half (members low_members..M−1)
@@ -633,40 +763,52 @@ def count_block(differences: jax.Array, upper: jax.Array, tolerance: jax.Array, 
       mask − high_start · 2^m1 (with the defaults, column = mask; mask 0 is
       meaningless).
     """
-    num_candidates, block, num_members = differences.shape
+    block, _, num_members = differences.shape
     high = num_members - low_members
     high_count = (1 << high) if high_count is None else high_count
+    differences, iterations = _counting_order(differences, tolerance)
 
     def high_part(sums, axis):
         return jax.lax.dynamic_slice_in_dim(sums, high_start, high_count, axis=axis)
 
-    low_sums = _subset_sums(differences[..., :low_members], axis=2)                       # [C, B, 2^m1]
-    high_sums = high_part(_subset_sums(differences[..., low_members:], axis=2), 2)        # [C, B, H]
+    low_members_of = jnp.asarray(_membership(low_members))
+    high_members_of = high_part(jnp.asarray(_membership(high)), 1)
+
+    def subset_sums(c):
+        # Half-subset sums of candidate c, [B, 2^m1] and [B, H], as multiply-and-sum:
+        # built per candidate, their cost follows the candidates that can count
+        # (precomputed tables for all C cost more than the loop at typical C).
+        d = differences[c]
+        return (jnp.sum(d[:, :low_members, None] * low_members_of[None], axis=1),
+                jnp.sum(d[:, low_members:, None] * high_members_of[None], axis=1))
+
     tol = (_subset_sums(tolerance[:low_members], axis=0)[:, None]
            + high_part(_subset_sums(tolerance[low_members:], axis=0), 0)[None, :])        # [2^m1, H]
     bound = (_subset_sums(upper[:, :low_members], axis=1)[:, :, None]
              + high_part(_subset_sums(upper[:, low_members:], axis=1), 1)[:, None, :])    # [B, 2^m1, H]
 
     zeros = jnp.zeros((block, 1 << low_members, high_count), jnp.int32)
-    if num_candidates < _PACKED_MAX_CANDIDATES:
+    if differences.shape[0] < _PACKED_MAX_CANDIDATES:
         # Both counts share one int32 (ambiguous in the high 16 bits), which
         # saves an add per cell: about 1.6x faster on XLA:CPU (jax 0.10).
         def accumulate_packed(c, packed):
-            total = low_sums[c][:, :, None] + high_sums[c][:, None, :]
+            low_sums, high_sums = subset_sums(c)
+            total = low_sums[:, :, None] + high_sums[:, None, :]
             return (packed + jnp.where(total >= 0, 1, 0)
                     + jnp.where(jnp.abs(total) <= tol, _PACKED_LIMIT, 0))
 
-        packed = jax.lax.fori_loop(0, num_candidates, accumulate_packed, zeros)
+        packed = _unrolled_loop(iterations, accumulate_packed, zeros)
         outranking, ambiguous = packed & (_PACKED_LIMIT - 1), packed >> 16
     else:
         def accumulate(c, carry):
             outranking, ambiguous = carry
-            total = low_sums[c][:, :, None] + high_sums[c][:, None, :]
+            low_sums, high_sums = subset_sums(c)
+            total = low_sums[:, :, None] + high_sums[:, None, :]
             outranking = outranking + (total >= 0).astype(jnp.int32)
             ambiguous = ambiguous + (jnp.abs(total) <= tol).astype(jnp.int32)
             return outranking, ambiguous
 
-        outranking, ambiguous = jax.lax.fori_loop(0, num_candidates, accumulate, (zeros, zeros))
+        outranking, ambiguous = _unrolled_loop(iterations, accumulate, (zeros, zeros))
 
     def to_masks(grid):
         return jnp.transpose(grid, (0, 2, 1)).reshape(block, high_count << low_members)
@@ -687,7 +829,8 @@ def count_masks(differences: jax.Array, upper: jax.Array, tolerance: jax.Array, 
     Returns:
       rank, near_tie, undecided [B, S], as `count_block` returns them.
     """
-    num_candidates, block, _ = differences.shape
+    block = differences.shape[0]
+    differences, iterations = _counting_order(differences, tolerance)
     tol = tolerance @ members                       # [S]
     bound = upper @ members                         # [B, S]
 
@@ -699,14 +842,14 @@ def count_masks(differences: jax.Array, upper: jax.Array, tolerance: jax.Array, 
         return outranking, ambiguous
 
     zeros = jnp.zeros((block, members.shape[1]), jnp.int32)
-    outranking, ambiguous = jax.lax.fori_loop(0, num_candidates, accumulate, (zeros, zeros))
+    outranking, ambiguous = _unrolled_loop(iterations, accumulate, (zeros, zeros))
     return _decide(outranking, ambiguous, bound, tol, ks)
 
 
 def count_block_reference(differences: np.ndarray, upper: np.ndarray, tolerance: np.ndarray,
                           ks: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Brute-force numpy version of `count_block` (int64, one subset at a time)."""
-    num_candidates, block, num_members = differences.shape
+    """Brute-force numpy version of `count_block` (int64, one subset at a time, every candidate)."""
+    block, num_candidates, num_members = differences.shape
     k_max = ks[-1]
     size = 1 << num_members
     rank = np.zeros((block, size), np.int64)
@@ -714,11 +857,11 @@ def count_block_reference(differences: np.ndarray, upper: np.ndarray, tolerance:
     undecided = np.zeros((block, size), bool)
     for mask in range(1, size):
         members = subsets.mask_members(mask, num_members)
-        total = differences[:, :, members].astype(np.int64).sum(axis=2)    # [C, B]
+        total = differences[:, :, members].astype(np.int64).sum(axis=2)    # [B, C]
         tol = int(np.sum(tolerance[members]))
         bound = upper[:, members].astype(np.int64).sum(axis=1)             # [B]
-        outranking = (total >= 0).sum(axis=0)
-        ambiguous = (np.abs(total) <= tol).sum(axis=0)
+        outranking = (total >= 0).sum(axis=1)
+        ambiguous = (np.abs(total) <= tol).sum(axis=1)
         lowest, highest = outranking - ambiguous, outranking + ambiguous
         complete = bound < -tol
         rank[:, mask] = np.minimum(outranking, k_max)
@@ -728,6 +871,20 @@ def count_block_reference(differences: np.ndarray, upper: np.ndarray, tolerance:
             flips |= (lowest < k) != (highest < k)
         near[:, mask] = flips & complete
     return rank, near, undecided
+
+
+def _count_and_reduce(differences, upper, row_valid, tolerance, argument, *, count, ks, rank_dtype):
+    """Per-device step of a sweep: `count` the block, then sum the decided outcomes over its rows.
+
+    Returns recall [1, S', K] and near-tie counts [1, S'] over the decided
+    (query, subset) pairs of the valid rows, and rank, near_tie, undecided [B, S'].
+    """
+    rank, near, undecided = count(differences, upper, tolerance, argument)
+    undecided = undecided & row_valid[:, None]
+    decided = row_valid[:, None] & ~undecided
+    recall = jnp.stack([jnp.sum((rank < k) & decided, axis=0, dtype=jnp.int32) for k in ks], axis=1)
+    near_ties = jnp.sum(near & decided, axis=0, dtype=jnp.int32)
+    return recall[None], near_ties[None], rank.astype(rank_dtype), near, undecided
 
 
 # Cells of the [B, 2^m1, H] accumulators of one kernel call: about 1 MB of
@@ -752,12 +909,38 @@ class _Context:
     checkpoint: resume.RunCheckpoint | None
 
 
+def _as_slice(index: np.ndarray) -> np.ndarray | slice:
+    """Return `index` as a slice when it is a contiguous ascending range (cheaper to index with)."""
+    if index.size and index[-1] - index[0] + 1 == index.size and np.all(np.diff(index) == 1):
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index
+
+
+@dataclasses.dataclass
+class _BlockCounts:
+    """Outcomes of a block of b queries for the S masks of a sweep.
+
+    Attributes:
+      recall: int64 [S, K], decided pairs recalled at each K, summed over the rows.
+      near_ties: int64 [S], decided near-ties summed over the rows.
+      rank, near, undecided: [b, S] per-pair outcomes.
+    """
+
+    recall: np.ndarray
+    near_ties: np.ndarray
+    rank: np.ndarray
+    near: np.ndarray
+    undecided: np.ndarray
+
+
 class _Counter:
     """Counts outranking candidates for the masks [S] of one sweep, on every local device.
 
     The full-table kernel `count_block` runs over chunks of the high
     half-table (only chunks that hold a searched mask); a short explicit list
     of subsets uses `count_masks` instead, whichever evaluates fewer cells.
+    Each device also sums its block's decided outcomes, so the host only
+    copies them.
     """
 
     def __init__(self, masks: np.ndarray, num_members: int, ks: tuple[int, ...], topology: distributed.Topology):
@@ -768,13 +951,13 @@ class _Counter:
         high_count = min(1 << (num_members - low), max(1, KERNEL_CELLS // (grid_block << low)))
         starts = np.unique((masks >> low) // high_count) * high_count
         axis = distributed.AXIS
-        row_spec = (P(None, axis, None), P(axis, None), P())
+        in_specs = (P(axis, None, None), P(axis, None), P(axis), P(), P())
+        out_specs = (P(axis),) * 5
         self.use_grid = starts.size * (high_count << low) <= masks.size * num_members
         if self.use_grid:
             self.block = grid_block
-            self.kernel = topology.per_device(
-                partial(count_block, low_members=low, ks=ks, high_count=high_count),
-                in_specs=row_spec + (P(),), out_specs=(P(axis),) * 3, key=("count_block", low, ks, high_count))
+            count = partial(count_block, low_members=low, ks=ks, high_count=high_count)
+            key = ("count_block", low, ks, high_count)
             self.parts = []
             for start in starts.tolist():
                 first, stop = start << low, (start + high_count) << low
@@ -783,44 +966,53 @@ class _Counter:
         else:
             width = min(masks.size, KERNEL_CELLS)
             self.block = max(1, min(256, KERNEL_CELLS // width))
-            self.kernel = topology.per_device(partial(count_masks, ks=ks), in_specs=row_spec + (P(),),
-                                              out_specs=(P(axis),) * 3, key=("count_masks", ks))
+            count = partial(count_masks, ks=ks)
+            key = ("count_masks", ks)
             self.parts = []
             for first in range(0, masks.size, width):
                 selected = np.arange(first, min(first + width, masks.size))
                 members = np.zeros((num_members, width), np.int32)
                 members[:, :selected.size] = subsets.member_matrix(masks[selected], num_members).T
                 self.parts.append((topology.shard(members), np.arange(selected.size), selected))
+        self.parts = [(argument, _as_slice(columns), _as_slice(selected)) for argument, columns, selected in self.parts]
+        self.kernel = topology.per_device(
+            partial(_count_and_reduce, count=count, ks=ks, rank_dtype=self.rank_dtype), in_specs=in_specs,
+            out_specs=out_specs, key=key + ("reduce", np.dtype(self.rank_dtype).name))
 
     @property
     def step_rows(self) -> int:
         return self.block * self.topology.num_shards
 
-    def count(self, diff: np.ndarray, upper: np.ndarray, tolerance: jax.Array, needed: np.ndarray | None = None):
-        """Return rank, near_tie, undecided [b, S] for differences [b, C, M] and bounds [b, M].
+    def count(self, diff: np.ndarray, upper: np.ndarray, tolerance: jax.Array,
+              needed: np.ndarray | None = None) -> _BlockCounts:
+        """Count a block of b <= step_rows queries: differences [b, C, M] and bounds [b, M].
 
         Columns outside `needed` (bool [S]) may be skipped and left zero.
         """
         rows = diff.shape[0]
         pad = self.step_rows - rows
+        sentinel = _sentinel(diff.shape[2])
         if pad:
-            diff = np.concatenate([diff, np.full((pad,) + diff.shape[1:], diff.min(initial=0), diff.dtype)])
-            upper = np.concatenate([upper, np.full((pad, upper.shape[1]), upper.min(initial=0), upper.dtype)])
+            diff = np.concatenate([diff, np.full((pad,) + diff.shape[1:], sentinel, diff.dtype)])
+            upper = np.concatenate([upper, np.full((pad, upper.shape[1]), sentinel, upper.dtype)])
         axis = distributed.AXIS
-        differences = self.topology.shard(np.ascontiguousarray(np.transpose(diff, (1, 0, 2))).astype(np.int32),
-                                          None, axis, None)
-        bounds = self.topology.shard(upper.astype(np.int32), axis, None)
-        rank = np.zeros((rows, self.masks.size), self.rank_dtype)
-        near = np.zeros((rows, self.masks.size), bool)
-        undecided = np.zeros((rows, self.masks.size), bool)
+        differences = self.topology.shard(diff.astype(np.int32, copy=False), axis, None, None)
+        bounds = self.topology.shard(upper.astype(np.int32, copy=False), axis, None)
+        row_valid = self.topology.shard(np.arange(self.step_rows) < rows, axis)
+        size = self.masks.size
+        result = _BlockCounts(recall=np.zeros((size, len(self.ks)), np.int64), near_ties=np.zeros(size, np.int64),
+                              rank=np.zeros((rows, size), self.rank_dtype), near=np.zeros((rows, size), bool),
+                              undecided=np.zeros((rows, size), bool))
         for argument, columns, selected in self.parts:
             if needed is not None and not needed[selected].any():
                 continue
-            out = jax.device_get(self.kernel(differences, bounds, tolerance, argument))
-            rank[:, selected] = out[0][:rows, columns]
-            near[:, selected] = out[1][:rows, columns]
-            undecided[:, selected] = out[2][:rows, columns]
-        return rank, near, undecided
+            out = jax.device_get(self.kernel(differences, bounds, row_valid, tolerance, argument))
+            result.recall[selected] = out[0].sum(axis=0, dtype=np.int64)[columns]
+            result.near_ties[selected] = out[1].sum(axis=0, dtype=np.int64)[columns]
+            result.rank[:, selected] = out[2][:rows, columns]
+            result.near[:, selected] = out[3][:rows, columns]
+            result.undecided[:, selected] = out[4][:rows, columns]
+        return result
 
 
 @dataclasses.dataclass
@@ -833,7 +1025,7 @@ class _Counts:
       ranks: [n, R], ranks of the kept columns for this process's n queries.
       near_pairs: int64 [P, 2], (kept column, query) of every near-tie in a kept column.
       undecided: (query, subset) pairs recomputed over the whole gallery.
-      rows_done: this process's queries done (local index).
+      rows_done: how many queries of the sweep's order are done.
     """
 
     recall: np.ndarray
@@ -850,7 +1042,21 @@ class _Counts:
         self.near_ties += (near & counted).sum(axis=0)
         kept = counted[:, keep]
         self.ranks[rows] = np.where(kept, rank[:, keep], self.ranks[rows])
-        query, column = np.nonzero(near[:, keep] & kept)
+        self._add_near_pairs(near[:, keep] & kept, rows, first_row)
+
+    def add_block(self, block: _BlockCounts, rows: np.ndarray, keep: np.ndarray | slice, first_row: int) -> None:
+        """Add the decided outcomes of a counted block of local query rows [b].
+
+        The ranks of undecided pairs are stored too; their recomputation overwrites them.
+        """
+        self.recall += block.recall
+        self.near_ties += block.near_ties
+        self.ranks[rows] = block.rank[:, keep]
+        # A near-tie is flagged only where the bound holds, so never on an undecided pair.
+        self._add_near_pairs(block.near[:, keep], rows, first_row)
+
+    def _add_near_pairs(self, near: np.ndarray, rows: np.ndarray, first_row: int) -> None:
+        query, column = np.nonzero(near)
         if query.size:
             pairs = np.stack([column, rows[query] + first_row], axis=1).astype(np.int64)
             self.near_pairs = np.concatenate([self.near_pairs, pairs])
@@ -858,7 +1064,12 @@ class _Counts:
 
 def _sweep(context: _Context, fixed: FixedPoint, masks: np.ndarray, keep: np.ndarray, *, stage: str,
            label: str) -> _Counts:
-    """Evaluate `masks` for this process's queries, keeping the ranks of columns `keep`."""
+    """Evaluate `masks` for this process's queries, keeping the ranks of columns `keep`.
+
+    Queries go in descending order of their leading candidates, so each
+    block's rows stop counting at about the same candidate (and the progress
+    estimate errs on the long side).
+    """
     source, candidates, ks, topology = context.source, context.candidates, context.ks, context.topology
     m = source.num_members
     local = candidates.values.shape[0]
@@ -872,6 +1083,8 @@ def _sweep(context: _Context, fixed: FixedPoint, masks: np.ndarray, keep: np.nda
         counts = _Counts(**arrays, undecided=meta["undecided"], rows_done=meta["rows_done"])
         logging.info("%s: restored %d of %d queries from the checkpoint", label, counts.rows_done, local)
 
+    order = np.argsort(-candidates.leading.astype(np.int64), kind="stable")
+    keep_index = _as_slice(keep)
     pending: list[tuple[int, np.ndarray]] = []
 
     def flush():
@@ -882,12 +1095,13 @@ def _sweep(context: _Context, fixed: FixedPoint, masks: np.ndarray, keep: np.nda
     reporter = _Progress(label, local - counts.rows_done, enabled=context.progress, unit_scale=masks.size)
     for start in range(counts.rows_done, local, counter.step_rows):
         stop = min(start + counter.step_rows, local)
-        diff, upper = _quantized_candidates(fixed, candidates, start, stop)
-        rank, near, undecided = counter.count(diff, upper, tolerance)
-        counts.add(rank, near, ~undecided, np.arange(start, stop), keep, ks, candidates.first_row)
-        for row in np.flatnonzero(undecided.any(axis=1)):
-            pending.append((start + int(row), np.flatnonzero(undecided[row])))
-        counts.undecided += int(undecided.sum())
+        rows = order[start:stop]
+        diff, upper = _quantized_candidates(fixed, candidates, rows)
+        block = counter.count(diff, upper, tolerance)
+        counts.add_block(block, rows, keep_index, candidates.first_row)
+        for row in np.flatnonzero(block.undecided.any(axis=1)):
+            pending.append((int(rows[row]), np.flatnonzero(block.undecided[row])))
+        counts.undecided += int(block.undecided.sum())
         counts.rows_done = stop
         if len(pending) >= context.tile * topology.num_shards:
             flush()
@@ -907,13 +1121,13 @@ def _save_counts(checkpoint: resume.RunCheckpoint, stage: str, counts: _Counts) 
     checkpoint.save(stage, arrays, {"undecided": counts.undecided, "rows_done": counts.rows_done})
 
 
-def _quantized_candidates(fixed: FixedPoint, candidates: Candidates, start: int, stop: int):
-    """Differences [b, C, M] and bounds [b, M] of local query rows start..stop−1."""
+def _quantized_candidates(fixed: FixedPoint, candidates: Candidates, rows: np.ndarray):
+    """Differences int32 [b, C, M] and bounds [b, M] of the local query rows `rows` [b]."""
     num_members = candidates.diagonal.shape[1]
-    diag_q = fixed.quantize(candidates.diagonal[start:stop])
-    diff = fixed.quantize(np.swapaxes(candidates.values[start:stop], 1, 2)) - diag_q[:, None, :]
-    diff[~candidates.valid[start:stop]] = _sentinel(num_members)
-    return diff, _quantize_bound(fixed, candidates.upper[start:stop], diag_q, num_members)
+    diagonal = candidates.diagonal[rows]
+    diff = fixed.differences(candidates.values[rows], diagonal)
+    diff[~candidates.valid[rows]] = _sentinel(num_members)
+    return diff, _quantize_bound(fixed, candidates.upper[rows], fixed.quantize(diagonal), num_members)
 
 
 # Below this many (pair, item) cells, undecided pairs are counted in numpy: a
@@ -1014,7 +1228,8 @@ def _resolve_undecided(context: _Context, fixed: FixedPoint, counter: _Counter, 
             if counted.sum() * diff.shape[1] <= _DIRECT_CELLS:
                 rank, near = _count_pairs_directly(diff, fixed.tolerance, counter.masks, counted, context.ks)
             else:
-                rank, near, _ = counter.count(diff, upper, tolerance, needed=counted.any(axis=0))
+                outcome = counter.count(diff, upper, tolerance, needed=counted.any(axis=0))
+                rank, near = outcome.rank, outcome.near
             counts.add(rank, near, counted, block_rows, keep, context.ks, first_row)
 
 

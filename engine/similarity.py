@@ -101,27 +101,50 @@ class SimilaritySource:
         right = tuple(b[jnp.asarray(order)] for b in self._right)
         return dataclasses.replace(self, num_queries=queries.size, _left=left, _right=right)
 
-    def tile_rows(self, indices: np.ndarray, topology: distributed.Topology) -> jax.Array:
+    def tile_rows(self, indices: np.ndarray, topology: distributed.Topology, *, reuse_buffer: bool = False
+                  ) -> jax.Array:
         """Return float32 [M, len(indices), G] similarities, rows split over the local devices.
 
         Each device computes its own [M, len(indices) / devices, G] block in
         one program, so a row's values depend only on that block's row count
         (XLA gives every row the same values at a fixed shape, whatever the
         other rows are), never on the number of devices.
+
+        With `reuse_buffer`, rows of precomputed matrices are staged in one
+        aligned host buffer that the next such call overwrites; on CPU the
+        returned array may share it. The caller must wait for everything
+        computed from the result before calling again. Staging in a reused
+        buffer avoids a fresh allocation and a second copy per tile, which
+        cost more than the whole candidate kernel.
         """
         indices = np.asarray(indices)
         if self._matrices is not None:
             rows = indices
             if indices.size and np.array_equal(indices, np.arange(indices[0], indices[0] + indices.size)):
                 rows = slice(int(indices[0]), int(indices[0]) + indices.size)   # a view: one copy fewer
-            stacked = np.stack([np.asarray(m[rows], dtype=np.float32) for m in self._matrices])
-            return topology.shard(stacked, None, distributed.AXIS, None)
+            shape = (self.num_members, indices.size, self.num_gallery)
+            out = self._staging_buffer(shape) if reuse_buffer else np.empty(shape, np.float32)
+            for k, matrix in enumerate(self._matrices):
+                out[k] = matrix[rows]
+            return topology.shard(out, None, distributed.AXIS, None)
         right = self._replicated_right(topology)
         kernel = topology.per_device(
             _similarity_block, in_specs=(distributed.P(distributed.AXIS, None), distributed.P()),
             out_specs=distributed.P(distributed.AXIS, None), key="similarity")
         return jnp.stack([kernel(topology.shard(np.asarray(left[indices]), distributed.AXIS, None), r)
                           for left, r in zip(self._left, right)])
+
+    def _staging_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Return a float32 host buffer of `shape`, 64-byte aligned (so that XLA:CPU can use it
+        without a copy), kept for the next call with the same shape."""
+        cache = self.__dict__.setdefault("_staging", {})
+        if shape not in cache:
+            cache.clear()
+            size = int(np.prod(shape)) * 4
+            raw = np.empty(size + 64, np.uint8)
+            offset = -raw.ctypes.data % 64
+            cache[shape] = raw[offset:offset + size].view(np.float32).reshape(shape)
+        return cache[shape]
 
     def _replicated_right(self, topology: distributed.Topology) -> tuple[jax.Array, ...]:
         """Return the gallery features replicated on the topology's devices (cached per mesh).

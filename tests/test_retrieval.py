@@ -173,8 +173,8 @@ def test_max_subset_size_and_explicit_masks():
 def test_count_block_matches_bruteforce(num_members, num_candidates, block):
     rng = np.random.default_rng(20 + num_members)
     # Small integers make exact ties (total == 0) and near-ties common.
-    differences = rng.integers(-6, 7, size=(num_candidates, block, num_members)).astype(np.int32)
-    differences[0] = 0
+    differences = rng.integers(-6, 7, size=(block, num_candidates, num_members)).astype(np.int32)
+    differences[:, 0] = 0
     upper = rng.integers(-8, 8, size=(block, num_members)).astype(np.int32)
     tolerance = rng.integers(0, 3, size=num_members).astype(np.int32)
     ks = (1, 3)

@@ -73,7 +73,7 @@ def test_two_processes_equal_one_process(single_device, tmp_path):
 @pytest.mark.parametrize("num_members, high_count", [(3, 1), (5, 2), (6, 4), (7, 8)])
 def test_count_block_chunks_match_bruteforce(num_members, high_count):
     rng = np.random.default_rng(40 + num_members)
-    differences = rng.integers(-6, 7, size=(9, 3, num_members)).astype(np.int32)
+    differences = rng.integers(-6, 7, size=(3, 9, num_members)).astype(np.int32)
     upper = rng.integers(-8, 8, size=(3, num_members)).astype(np.int32)
     tolerance = rng.integers(0, 3, size=num_members).astype(np.int32)
     ks = (1, 3)
@@ -91,8 +91,8 @@ def test_count_block_chunks_match_bruteforce(num_members, high_count):
 def test_count_masks_matches_bruteforce():
     rng = np.random.default_rng(47)
     num_members = 5
-    differences = rng.integers(-6, 7, size=(11, 4, num_members)).astype(np.int32)
-    differences[2] = 0
+    differences = rng.integers(-6, 7, size=(4, 11, num_members)).astype(np.int32)
+    differences[:, 2] = 0
     upper = rng.integers(-8, 8, size=(4, num_members)).astype(np.int32)
     tolerance = rng.integers(0, 3, size=num_members).astype(np.int32)
     masks = np.array([1, 3, 6, 17, 31, 31, 20])
