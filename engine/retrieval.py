@@ -518,6 +518,29 @@ def _candidate_block(phi: jax.Array, rows: jax.Array, margin: jax.Array, *, stri
             jnp.minimum(num_leading, capacity), mean, squared_deviations)
 
 
+def candidate_block_reference(phi: np.ndarray, rows: np.ndarray, threshold: np.ndarray, margin: np.ndarray,
+                              capacity: int) -> dict[str, np.ndarray]:
+    """Brute-force numpy version of `_candidate_block` for given thresholds [B, M].
+
+    Returns, per query b: `diagonal` [B, M], `count` [B] (candidates),
+    `leading` [B] (min(leading candidates, capacity)), and `items` (a list of
+    B int arrays: the candidate gallery indices in slot order, leading ones
+    first, each group in gallery order, at most `capacity`).
+    """
+    num_members, block, gallery = phi.shape
+    diagonal = phi[:, np.arange(block), rows].T
+    items, count, leading = [], np.zeros(block, np.int64), np.zeros(block, np.int64)
+    for b in range(block):
+        others = np.arange(gallery) != rows[b]
+        union = (phi[:, b, :] >= threshold[b][:, None]).any(axis=0) & others
+        near = (phi[:, b, :] >= (diagonal[b] - margin)[:, None]).any(axis=0)
+        ordered = np.concatenate([np.flatnonzero(union & near), np.flatnonzero(union & ~near)])
+        items.append(ordered[:capacity])
+        count[b] = union.sum()
+        leading[b] = min(int((union & near).sum()), capacity)
+    return {"diagonal": diagonal, "count": count, "leading": leading, "items": items}
+
+
 def candidate_layout(num_members: int, num_gallery: int, per_member: int) -> dict[str, int | bool]:
     """Static settings of pass 1 for L = `per_member` expected top items per member."""
     if num_gallery - 1 <= num_members * per_member:
@@ -591,13 +614,21 @@ def collect_candidates(
 
     step = tile * topology.num_shards
     reporter = _Progress("similarity pass", local, enabled=progress)
-    for start in range(first, last, step):
+    previous = None
+    for number, start in enumerate(range(first, last, step)):
         stop = min(start + step, last)
         # Padding repeats the last row; every device used gets a full tile.
         devices = topology.leading(-(-(stop - start) // tile))
         indices = np.minimum(np.arange(start, start + tile * devices.num_shards), stop - 1).astype(np.int32)
-        phi = source.tile_rows(indices, devices, reuse_buffer=True)
-        store_rows(start, stop, kernel_on(devices)(phi, devices.shard(indices, axis), devices.shard(margin)))
+        # Two staging buffers alternate: the kernel that read this one has finished (stored below).
+        phi = source.tile_rows(indices, devices, buffer=number % 2)
+        out = kernel_on(devices)(phi, devices.shard(indices, axis), devices.shard(margin))
+        # Dispatch is asynchronous: the previous tile is stored while this one runs.
+        if previous is not None:
+            store_rows(*previous)
+        previous = (start, stop, out)
+    if previous is not None:
+        store_rows(*previous)
     # A query with more candidates than capacity has no valid bound.
     upper[overflow] = np.inf
     # Candidates are packed first: slots that no query uses are left out (a view, not a copy).
@@ -989,6 +1020,14 @@ class _Counter:
 
         Columns outside `needed` (bool [S]) may be skipped and left zero.
         """
+        return self.collect(self.dispatch(diff, upper, tolerance, needed))
+
+    def dispatch(self, diff: np.ndarray, upper: np.ndarray, tolerance: jax.Array,
+                 needed: np.ndarray | None = None):
+        """Start counting a block (as `count`) and return a handle for `collect`.
+
+        JAX dispatch is asynchronous: the host can prepare the next block meanwhile.
+        """
         rows = diff.shape[0]
         pad = self.step_rows - rows
         sentinel = _sentinel(diff.shape[2])
@@ -999,14 +1038,20 @@ class _Counter:
         differences = self.topology.shard(diff.astype(np.int32, copy=False), axis, None, None)
         bounds = self.topology.shard(upper.astype(np.int32, copy=False), axis, None)
         row_valid = self.topology.shard(np.arange(self.step_rows) < rows, axis)
+        started = [(self.kernel(differences, bounds, row_valid, tolerance, argument), columns, selected)
+                   for argument, columns, selected in self.parts
+                   if needed is None or needed[selected].any()]
+        return rows, started
+
+    def collect(self, handle) -> _BlockCounts:
+        """Wait for a block started by `dispatch` and return its counts."""
+        rows, started = handle
         size = self.masks.size
         result = _BlockCounts(recall=np.zeros((size, len(self.ks)), np.int64), near_ties=np.zeros(size, np.int64),
                               rank=np.zeros((rows, size), self.rank_dtype), near=np.zeros((rows, size), bool),
                               undecided=np.zeros((rows, size), bool))
-        for argument, columns, selected in self.parts:
-            if needed is not None and not needed[selected].any():
-                continue
-            out = jax.device_get(self.kernel(differences, bounds, row_valid, tolerance, argument))
+        for out, columns, selected in started:
+            out = jax.device_get(out)
             result.recall[selected] = out[0].sum(axis=0, dtype=np.int64)[columns]
             result.near_ties[selected] = out[1].sum(axis=0, dtype=np.int64)[columns]
             result.rank[:, selected] = out[2][:rows, columns]
@@ -1092,12 +1137,19 @@ def _sweep(context: _Context, fixed: FixedPoint, masks: np.ndarray, keep: np.nda
             _resolve_undecided(context, fixed, counter, tolerance, pending, counts, keep)
             pending.clear()
 
-    reporter = _Progress(label, local - counts.rows_done, enabled=context.progress, unit_scale=masks.size)
-    for start in range(counts.rows_done, local, counter.step_rows):
+    def start_block(start: int):
         stop = min(start + counter.step_rows, local)
         rows = order[start:stop]
-        diff, upper = _quantized_candidates(fixed, candidates, rows)
-        block = counter.count(diff, upper, tolerance)
+        return start, stop, rows, counter.dispatch(*_quantized_candidates(fixed, candidates, rows), tolerance)
+
+    reporter = _Progress(label, local - counts.rows_done, enabled=context.progress, unit_scale=masks.size)
+    starts = list(range(counts.rows_done, local, counter.step_rows))
+    running = start_block(starts[0]) if starts else None
+    for index in range(len(starts)):
+        start, stop, rows, handle = running
+        # The next block is quantised while this one counts.
+        running = start_block(starts[index + 1]) if index + 1 < len(starts) else None
+        block = counter.collect(handle)
         counts.add_block(block, rows, keep_index, candidates.first_row)
         for row in np.flatnonzero(block.undecided.any(axis=1)):
             pending.append((int(rows[row]), np.flatnonzero(block.undecided[row])))

@@ -101,7 +101,7 @@ class SimilaritySource:
         right = tuple(b[jnp.asarray(order)] for b in self._right)
         return dataclasses.replace(self, num_queries=queries.size, _left=left, _right=right)
 
-    def tile_rows(self, indices: np.ndarray, topology: distributed.Topology, *, reuse_buffer: bool = False
+    def tile_rows(self, indices: np.ndarray, topology: distributed.Topology, *, buffer: int | None = None
                   ) -> jax.Array:
         """Return float32 [M, len(indices), G] similarities, rows split over the local devices.
 
@@ -110,12 +110,13 @@ class SimilaritySource:
         (XLA gives every row the same values at a fixed shape, whatever the
         other rows are), never on the number of devices.
 
-        With `reuse_buffer`, rows of precomputed matrices are staged in one
-        aligned host buffer that the next such call overwrites; on CPU the
-        returned array may share it. The caller must wait for everything
-        computed from the result before calling again. Staging in a reused
-        buffer avoids a fresh allocation and a second copy per tile, which
-        cost more than the whole candidate kernel.
+        With `buffer` (an index, e.g. 0 or 1 alternately), rows of
+        precomputed matrices are staged in an aligned host buffer kept under
+        that index, which the next call with the same index overwrites; on
+        CPU the returned array may share it. The caller must wait for
+        everything computed from the result before reusing the index.
+        Staging in a reused buffer avoids a fresh allocation and a second
+        copy per tile, which cost more than the whole candidate kernel.
         """
         indices = np.asarray(indices)
         if self._matrices is not None:
@@ -123,7 +124,7 @@ class SimilaritySource:
             if indices.size and np.array_equal(indices, np.arange(indices[0], indices[0] + indices.size)):
                 rows = slice(int(indices[0]), int(indices[0]) + indices.size)   # a view: one copy fewer
             shape = (self.num_members, indices.size, self.num_gallery)
-            out = self._staging_buffer(shape) if reuse_buffer else np.empty(shape, np.float32)
+            out = self._staging_buffer(shape, buffer) if buffer is not None else np.empty(shape, np.float32)
             for k, matrix in enumerate(self._matrices):
                 out[k] = matrix[rows]
             return topology.shard(out, None, distributed.AXIS, None)
@@ -134,17 +135,19 @@ class SimilaritySource:
         return jnp.stack([kernel(topology.shard(np.asarray(left[indices]), distributed.AXIS, None), r)
                           for left, r in zip(self._left, right)])
 
-    def _staging_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
-        """Return a float32 host buffer of `shape`, 64-byte aligned (so that XLA:CPU can use it
-        without a copy), kept for the next call with the same shape."""
+    def _staging_buffer(self, shape: tuple[int, ...], index: int) -> np.ndarray:
+        """Return float32 host buffer `index` of `shape`, 64-byte aligned (so that XLA:CPU can
+        use it without a copy), kept for the next call with the same shape and index."""
         cache = self.__dict__.setdefault("_staging", {})
-        if shape not in cache:
-            cache.clear()
+        key = (shape, index)
+        if key not in cache:
+            for other in [k for k in cache if k[0] != shape]:
+                del cache[other]
             size = int(np.prod(shape)) * 4
             raw = np.empty(size + 64, np.uint8)
             offset = -raw.ctypes.data % 64
-            cache[shape] = raw[offset:offset + size].view(np.float32).reshape(shape)
-        return cache[shape]
+            cache[key] = raw[offset:offset + size].view(np.float32).reshape(shape)
+        return cache[key]
 
     def _replicated_right(self, topology: distributed.Topology) -> tuple[jax.Array, ...]:
         """Return the gallery features replicated on the topology's devices (cached per mesh).

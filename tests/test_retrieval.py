@@ -80,6 +80,15 @@ def test_search_custom_weights_match_reference():
     _check_against_reference(features, weights=weights, candidates_per_member=3)
 
 
+def test_search_weight_far_below_the_others_matches_reference():
+    # With one weight 10^6 times smaller than the rest, candidates outside the
+    # leading group of pass 1 (whose margin fits the built-in modes) can still
+    # count; the counting kernel must reach them.
+    features = synthetic.make_features(num_queries=90, num_gallery=110, num_members=3, dim=16, noise=1.0, seed=13)
+    weights = {"skewed": np.array([1.0, 1e-6, 1.0])}
+    _check_against_reference(features, weights=weights, candidates_per_member=4)
+
+
 def test_duplicated_gallery_items_tie_against_query():
     # Right row N duplicates right row 0 exactly: query 0 ties with it in every
     # representation, so its rank is at least 1 (ties count against the query).
