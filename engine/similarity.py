@@ -35,6 +35,11 @@ def _similarity_block(left_block: jax.Array, right: jax.Array) -> jax.Array:
     return jnp.matmul(left_block, right.T, precision=jax.lax.Precision.HIGHEST)
 
 
+def _similarity_stack(lefts: tuple[jax.Array, ...], rights: tuple[jax.Array, ...]) -> jax.Array:
+    """[M, B, G] similarities of M representations in one program (no separate stacking copy)."""
+    return jnp.stack([_similarity_block(left, right) for left, right in zip(lefts, rights)])
+
+
 @dataclasses.dataclass
 class SimilaritySource:
     """Per-representation similarity rows for blocks of queries.
@@ -46,6 +51,9 @@ class SimilaritySource:
       error_bounds: [M] bound on |Φ_float32 − Φ_exact| per entry, used to
         flag near-ties.
       value_bounds: [M] bound on |Φ| per entry (1 for cosine similarities).
+
+    From features, the normalised query rows stay in host memory (each tile
+    sends its rows to the devices) and the gallery rows live on the devices.
     """
 
     names: tuple[str, ...]
@@ -53,7 +61,7 @@ class SimilaritySource:
     num_gallery: int
     error_bounds: np.ndarray
     value_bounds: np.ndarray
-    _left: tuple[jax.Array, ...] | None = None
+    _left: tuple[np.ndarray, ...] | None = None
     _right: tuple[jax.Array, ...] | None = None
     _matrices: tuple[np.ndarray, ...] | None = None
 
@@ -67,14 +75,6 @@ class SimilaritySource:
             return jnp.stack([jnp.asarray(m[start:stop], dtype=jnp.float32) for m in self._matrices])
         return jnp.stack([
             _similarity_block(left[start:stop], right) for left, right in zip(self._left, self._right)])
-
-    def rows(self, indices: np.ndarray) -> jax.Array:
-        """Return float32 [M, len(indices), G] similarities of arbitrary query rows."""
-        indices = np.asarray(indices)
-        if self._matrices is not None:
-            return jnp.stack([jnp.asarray(m[indices], dtype=jnp.float32) for m in self._matrices])
-        return jnp.stack([
-            _similarity_block(left[indices], right) for left, right in zip(self._left, self._right)])
 
     def select_queries(self, queries: np.ndarray) -> "SimilaritySource":
         """Return a source of the given queries against the same gallery, reordered.
@@ -97,7 +97,7 @@ class SimilaritySource:
         if self._matrices is not None:
             matrices = tuple(np.asarray(m)[queries][:, order] for m in self._matrices)
             return dataclasses.replace(self, num_queries=queries.size, _matrices=matrices)
-        left = tuple(a[jnp.asarray(queries)] for a in self._left)
+        left = tuple(a[queries] for a in self._left)
         right = tuple(b[jnp.asarray(order)] for b in self._right)
         return dataclasses.replace(self, num_queries=queries.size, _left=left, _right=right)
 
@@ -129,11 +129,11 @@ class SimilaritySource:
                 out[k] = matrix[rows]
             return topology.shard(out, None, distributed.AXIS, None)
         right = self._replicated_right(topology)
+        members = self.num_members
         kernel = topology.per_device(
-            _similarity_block, in_specs=(distributed.P(distributed.AXIS, None), distributed.P()),
-            out_specs=distributed.P(distributed.AXIS, None), key="similarity")
-        return jnp.stack([kernel(topology.shard(np.asarray(left[indices]), distributed.AXIS, None), r)
-                          for left, r in zip(self._left, right)])
+            _similarity_stack, in_specs=((distributed.P(distributed.AXIS, None),) * members, (distributed.P(),) * members),
+            out_specs=distributed.P(None, distributed.AXIS, None), key=("similarity", members))
+        return kernel(tuple(topology.shard(left[indices], distributed.AXIS, None) for left in self._left), right)
 
     def _staging_buffer(self, shape: tuple[int, ...], index: int) -> np.ndarray:
         """Return float32 host buffer `index` of `shape`, 64-byte aligned (so that XLA:CPU can
@@ -197,7 +197,7 @@ def from_features(features: store.FeatureSet) -> SimilaritySource:
     for D from 16 to 2048 (normalisation dominates), so the bound leaves a
     margin of 4x at D = 16 and more at larger D.
     """
-    left = tuple(_normalize_rows(jnp.asarray(np.asarray(a))) for a in features.left)
+    left = tuple(np.asarray(_normalize_rows(jnp.asarray(np.asarray(a)))) for a in features.left)
     right = tuple(_normalize_rows(jnp.asarray(np.asarray(a))) for a in features.right)
     dims = np.array([a.shape[1] for a in features.left], dtype=np.float64)
     return SimilaritySource(
