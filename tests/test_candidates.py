@@ -98,7 +98,7 @@ def test_fixed_point_differences_equal_quantized_subtraction():
 
 
 @pytest.mark.parametrize("last", [0, 1, 5, 16, 17])
-def test_count_block_stops_after_the_last_candidate_that_can_count(last):
+def test_count_block_early_stop(last):
     # Candidates far below the match in every member cannot count; the
     # kernel may stop before them but must reach every other one, wherever it is.
     rng = np.random.default_rng(30 + last)
