@@ -1147,7 +1147,8 @@ def _sweep(context: _Context, fixed: FixedPoint, masks: np.ndarray, keep: np.nda
         rows = order[start:stop]
         return start, stop, rows, counter.dispatch(*_quantized_candidates(fixed, candidates, rows), tolerance)
 
-    reporter = _Progress(label, local - counts.rows_done, enabled=context.progress, unit_scale=masks.size)
+    reporter = _Progress(label, local - counts.rows_done, enabled=context.progress, unit_scale=masks.size,
+                         unit="subset evaluations")
     starts = list(range(counts.rows_done, local, counter.step_rows))
     running = start_block(starts[0]) if starts else None
     for index in range(len(starts)):
@@ -1353,8 +1354,8 @@ def _quantize_bound(fixed: FixedPoint, upper: np.ndarray, diag_q: np.ndarray, nu
 class _Progress:
     """Logs rows done, rate and time left about every 10 seconds."""
 
-    def __init__(self, label: str, total: int, *, enabled: bool, unit_scale: int = 1):
-        self.label, self.total, self.enabled, self.unit_scale = label, total, enabled, unit_scale
+    def __init__(self, label: str, total: int, *, enabled: bool, unit_scale: int = 1, unit: str = "queries"):
+        self.label, self.total, self.enabled, self.unit_scale, self.unit = label, total, enabled, unit_scale, unit
         self.done = 0
         self.start = self.last = time.perf_counter()
 
@@ -1367,5 +1368,5 @@ class _Progress:
         elapsed = now - self.start
         rate = self.done / max(elapsed, 1e-9)
         left = (self.total - self.done) / max(rate, 1e-9)
-        logging.info("%s: %d/%d queries (%s subset evaluations/s), %.0f s elapsed, about %.0f s left",
-                     self.label, self.done, self.total, f"{rate * self.unit_scale:,.0f}", elapsed, left)
+        logging.info("%s: %d/%d queries (%s %s/s), %.0f s elapsed, about %.0f s left",
+                     self.label, self.done, self.total, f"{rate * self.unit_scale:,.0f}", self.unit, elapsed, left)
