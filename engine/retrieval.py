@@ -503,9 +503,10 @@ def _candidate_block(phi: jax.Array, rows: jax.Array, margin: jax.Array, *, stri
     other = union & ~near_match
     # Slots: the leading candidates in gallery order, then the others.
     if gallery < 1 << 16:
-        # Both running counts share one int32.
+        # Both running counts share one int32. The high count can reach 2^16 − 1, past the sign
+        # bit, so it is masked after the (arithmetic) shift.
         running = _row_cumsum(leading.astype(jnp.int32) + (other.astype(jnp.int32) << 16))
-        running_leading, running_other = running & 0xFFFF, running >> 16
+        running_leading, running_other = running & 0xFFFF, (running >> 16) & 0xFFFF
     else:
         running_leading = _row_cumsum(leading.astype(jnp.int32))
         running_other = _row_cumsum(other.astype(jnp.int32))

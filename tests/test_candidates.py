@@ -114,3 +114,21 @@ def test_count_block_early_stop(last):
     expected = retrieval.count_block_reference(differences, upper, tolerance, ks)
     for got_part, expected_part, name in zip(got, expected, ("rank", "near_tie", "undecided")):
         np.testing.assert_array_equal(np.asarray(got_part)[:, 1:], expected_part[:, 1:], err_msg=name)
+
+
+def test_candidate_block_counts_past_2_15_ties():
+    # 39,998 items tie at the threshold (0) below the match: the running count
+    # of non-leading candidates passes 2^15 and must stay positive.
+    gallery = 40000
+    phi = np.zeros((2, 1, gallery), np.float32)
+    phi[:, 0, 0] = 1.0
+    phi[1, 0, 7] = 2.0                                    # outranks the match in member 1
+    margin = np.full(2, 1e-6, np.float32)
+    layout = retrieval.candidate_layout(2, gallery, 4)
+    _, valid, _, threshold, overflow, leading, _, _ = _run_block(phi, np.array([0]), margin, layout)
+    expected = retrieval.candidate_block_reference(phi, np.array([0]), threshold, margin, layout["capacity"])
+
+    assert expected["count"][0] > 1 << 15
+    np.testing.assert_array_equal(overflow, [True])
+    np.testing.assert_array_equal(valid.sum(axis=1), [layout["capacity"]])
+    np.testing.assert_array_equal(leading, expected["leading"])
