@@ -42,8 +42,13 @@ and a run resumes from its last save.
 
 Near-ties. A decision is flagged as a near-tie when moving every score that
 lies within the float32 error bound of the match's score could change
-whether rank < K for some requested K. Off those, the result equals the
-float64 brute-force reference in `engine.reference`.
+whether rank < K for some requested K or for K = 1 (which the
+exclusive-retrieval and oracle analyses use). Off those, every such
+decision equals the float64 brute-force reference in `engine.reference`.
+The capped rank between two of those K values can differ from the exact
+one by items within that bound (fixed point rounds each member on its own,
+so even an exact tie of two sums can come out one unit apart). Requesting
+every K up to K_max makes the capped ranks exact off near-ties.
 """
 
 from __future__ import annotations
@@ -113,13 +118,15 @@ class ModeResult:
       weights: float64 [M] weights used.
       recall: int64 [S, len(ks)], queries recalled at each K.
       ranks: uint8 or uint16 [R, N], min(rank, K_max) per query for the
-        subsets `rank_masks`. When the ranks of all S subsets fit the memory
+        subsets `rank_masks` (exact as the module docstring's Near-ties
+        paragraph says). When the ranks of all S subsets fit the memory
         budget, R = S and `rank_masks` equals SearchResult.masks, so row s
         of `ranks` is row s of `recall`. Otherwise R covers the single
         representations and the `rank_subsets` leading subsets of this mode
         (analysis order), computed in a second pass over just those subsets;
         look rows up with `ranks_of`.
-      near_ties: int64 [S], queries whose decision is within float32 rounding.
+      near_ties: int64 [S], queries whose decision at a requested K or at
+        K = 1 is within float32 rounding.
       near_tie_pairs: int64 [P, 2], the (subset row, query) of every near-tie
         in a subset of `rank_masks` (subset row indexes SearchResult.masks).
       undecided_pairs: (query, subset) pairs recomputed over the whole gallery.
@@ -202,6 +209,11 @@ def validate_ks(ks: Sequence[int], num_gallery: int) -> tuple[int, ...]:
     if values[-1] > np.iinfo(np.uint16).max:
         raise ValueError(f"K = {values[-1]} is above the supported maximum {np.iinfo(np.uint16).max}.")
     return tuple(values)
+
+
+def flag_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    """Return the K values whose decisions near-ties are flagged for: the requested ones and K = 1."""
+    return tuple(sorted(set(ks) | {1}))
 
 
 def resolve_mode_weights(
@@ -463,8 +475,8 @@ def _row_cumsum(x: jax.Array, chunk: int = 128) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("stride", "sample_rank", "capacity", "complete"))
-def _candidate_block(phi: jax.Array, rows: jax.Array, margin: jax.Array, *, stride: int, sample_rank: int,
-                     capacity: int, complete: bool):
+def _candidate_block(phi: jax.Array, rows: jax.Array, margin: jax.Array, inverse_scale: jax.Array, *, stride: int,
+                     sample_rank: int, capacity: int, complete: bool):
     """Reduce similarity rows [M, B, G] of the queries `rows` [B] to their candidates.
 
     A member's threshold θ_k(i) lies just below the `sample_rank`-th largest
@@ -482,7 +494,7 @@ def _candidate_block(phi: jax.Array, rows: jax.Array, margin: jax.Array, *, stri
     Returns values [B, capacity, M], valid [B, capacity], diagonal [B, M],
     thresholds [B, M], overflow [B] (more candidates than capacity, so the
     bound does not hold), leading [B], and row moments [M, B] (mean, squared
-    deviations).
+    deviations times inverse_scale^2, see `similarity.row_moments`).
     """
     num_members, block, gallery = phi.shape
     row_index = jnp.arange(block)
@@ -518,7 +530,7 @@ def _candidate_block(phi: jax.Array, rows: jax.Array, margin: jax.Array, *, stri
         jnp.broadcast_to(jnp.arange(gallery, dtype=jnp.int32), (block, gallery)), mode="drop")
     valid = jnp.arange(capacity)[None, :] < count[:, None]
     values = jnp.take_along_axis(phi, jnp.broadcast_to(index[None], (num_members,) + index.shape), axis=2)
-    mean, squared_deviations = similarity.row_moments(phi)
+    mean, squared_deviations = similarity.row_moments(phi, inverse_scale)
     return (jnp.transpose(values, (1, 2, 0)), valid, diagonal.T, threshold.T, count > capacity,
             jnp.minimum(num_leading, capacity), mean, squared_deviations)
 
@@ -594,11 +606,12 @@ def collect_candidates(
     row_mean = np.empty((local, m), np.float32)
     row_m2 = np.empty((local, m), np.float32)
     margin = leading_margin(source)
+    inverse_scale = similarity.moment_scales(source.value_bounds)
     axis = distributed.AXIS
 
     def kernel_on(devices: distributed.Topology):
         return devices.per_device(
-            partial(_candidate_block, **layout), in_specs=(P(None, axis, None), P(axis), P()),
+            partial(_candidate_block, **layout), in_specs=(P(None, axis, None), P(axis), P(), P()),
             out_specs=(P(axis),) * 6 + (P(None, axis),) * 2,
             key=("candidates",) + tuple(sorted(layout.items())))
 
@@ -628,7 +641,7 @@ def collect_candidates(
         indices = np.minimum(np.arange(start, start + tile * devices.num_shards), stop - 1).astype(np.int32)
         # Two staging buffers alternate: the kernel that read this one has finished (stored below).
         phi = source.tile_rows(indices, devices, buffer=number % 2)
-        out = kernel_on(devices)(phi, devices.shard(indices, axis), devices.shard(margin))
+        out = kernel_on(devices)(phi, devices.shard(indices, axis), devices.shard(margin), devices.shard(inverse_scale))
         # Dispatch is asynchronous: the previous tile is stored while this one runs.
         if previous is not None:
             store_rows(*previous)
@@ -642,7 +655,8 @@ def collect_candidates(
     width = min(capacity, max(1, -(-used // 32) * 32))
     for here, tile_used in filled:
         values[here, tile_used:width] = 0.0
-    mean, std = similarity.combine_row_moments(topology.gather_rows(row_mean).T, topology.gather_rows(row_m2).T, g)
+    mean, std = similarity.combine_row_moments(topology.gather_rows(row_mean).T, topology.gather_rows(row_m2).T, g,
+                                               inverse_scale)
     candidates = Candidates(values=values[:, :width], valid=valid[:, :width], diagonal=diagonal, upper=upper,
                             leading=leading, mean=mean, std=std, first_row=first)
     if checkpoint is not None:
@@ -673,6 +687,11 @@ class FixedPoint:
     `scale` is chosen so that any subset sum of differences fits in int32;
     `tolerance` [M] is, per member, the integer error bound of a difference
     (float32 error of Φ, error of the standardisation weight, rounding).
+
+    NOTE: one scale serves every member, so a member whose weighted values
+    are tiny next to the others' (a custom weight 10^-9 times the rest, or
+    one matrix entry far larger than all others) keeps only a few integer
+    steps. Its decisions are then flagged as near-ties rather than decided.
     """
 
     scale: float
@@ -982,6 +1001,8 @@ class _Counter:
 
     def __init__(self, masks: np.ndarray, num_members: int, ks: tuple[int, ...], topology: distributed.Topology):
         self.masks, self.ks, self.topology = masks, ks, topology
+        # Near-ties are flagged for K = 1 too: the exclusive-retrieval and oracle analyses use it.
+        self.flag_ks = flag_ks(ks)
         self.rank_dtype = np.uint8 if ks[-1] < 256 else np.uint16
         low = num_members // 2
         grid_block = _kernel_block_rows(num_members)
@@ -993,7 +1014,7 @@ class _Counter:
         self.use_grid = starts.size * (high_count << low) <= masks.size * num_members
         if self.use_grid:
             self.block = grid_block
-            count = partial(count_block, low_members=low, ks=ks, high_count=high_count)
+            count = partial(count_block, low_members=low, ks=self.flag_ks, high_count=high_count)
             key = ("count_block", low, ks, high_count)
             self.parts = []
             for start in starts.tolist():
@@ -1003,7 +1024,7 @@ class _Counter:
         else:
             width = min(masks.size, KERNEL_CELLS)
             self.block = max(1, min(256, KERNEL_CELLS // width))
-            count = partial(count_masks, ks=ks)
+            count = partial(count_masks, ks=self.flag_ks)
             key = ("count_masks", ks)
             self.parts = []
             for first in range(0, masks.size, width):
@@ -1285,7 +1306,7 @@ def _resolve_undecided(context: _Context, fixed: FixedPoint, counter: _Counter, 
             for i, (_, columns) in enumerate(members[part]):
                 counted[i, columns] = True
             if counted.sum() * diff.shape[1] <= _DIRECT_CELLS:
-                rank, near = _count_pairs_directly(diff, fixed.tolerance, counter.masks, counted, context.ks)
+                rank, near = _count_pairs_directly(diff, fixed.tolerance, counter.masks, counted, counter.flag_ks)
             else:
                 outcome = counter.count(diff, upper, tolerance, needed=counted.any(axis=0))
                 rank, near = outcome.rank, outcome.near

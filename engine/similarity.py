@@ -240,6 +240,12 @@ def from_matrices(names: Sequence[str], matrices: Sequence[np.ndarray]) -> Simil
         if not np.isfinite(bound):
             row, col = np.argwhere(~np.isfinite(matrix))[0]
             raise ValueError(f"similarity matrix {name!r} has a non-finite value at [{row}, {col}].")
+        # Row sums of G values must stay finite in float32.
+        limit = float(np.finfo(np.float32).max) / (4 * matrix.shape[1])
+        if bound > limit:
+            raise ValueError(f"similarity matrix {name!r} has values up to {bound:.3g}, too large for float32 "
+                             f"sums over {matrix.shape[1]} gallery items (limit {limit:.3g}). Divide it by a "
+                             "positive constant: that keeps its ranking, and standardised results do not change.")
         bounds.append(bound)
     value_bounds = np.maximum(np.array(bounds), np.finfo(np.float32).tiny)
     return SimilaritySource(
@@ -254,27 +260,41 @@ def from_matrices(names: Sequence[str], matrices: Sequence[np.ndarray]) -> Simil
 
 
 @jax.jit
-def row_moments(block: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Return per-row mean and sum of squared deviations of a [M, B, G] block.
+def row_moments(block: jax.Array, inverse_scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Return per-row mean and scaled sum of squared deviations of a [M, B, G] block.
 
     Centring each row on its own mean before squaring avoids the cancellation
     of E[x^2] - E[x]^2 when the mean is large against the spread, as it is for
-    cosine similarities of non-negative features.
+    cosine similarities of non-negative features. Deviations are multiplied
+    by `inverse_scale` [M] (powers of two from `moment_scales`, exact) before
+    squaring, so large similarity values cannot overflow float32.
     """
     mean = block.mean(axis=2)
-    centred = block - mean[:, :, None]
+    centred = (block - mean[:, :, None]) * inverse_scale[:, None, None]
     return mean, (centred * centred).sum(axis=2)
 
 
-def combine_row_moments(means: np.ndarray, squared_deviations: np.ndarray, row_length: int
-                        ) -> tuple[np.ndarray, np.ndarray]:
+def moment_scales(value_bounds: np.ndarray) -> np.ndarray:
+    """Return float32 [M] inverse scales for `row_moments`: 2^-e with 2^e >= each value bound.
+
+    Cosine similarities (bound 1) get 1, which leaves their moments unchanged.
+    """
+    exponents = np.ceil(np.log2(np.maximum(np.asarray(value_bounds, np.float64), 2.0 ** -100)))
+    return np.exp2(-np.clip(exponents, -100, 100)).astype(np.float32)
+
+
+def combine_row_moments(means: np.ndarray, squared_deviations: np.ndarray, row_length: int,
+                        inverse_scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Combine per-row moments [M, N] into population mean and std [M] (float64).
 
     Uses the parallel-variance identity: total M2 = sum of row M2 + G * sum of
-    (row mean - overall mean)^2.
+    (row mean - overall mean)^2. `inverse_scale` [M] undoes the scaling of
+    `row_moments` (default 1).
     """
     means = np.asarray(means, dtype=np.float64)
     m2 = np.asarray(squared_deviations, dtype=np.float64)
+    if inverse_scale is not None:
+        m2 = m2 / np.asarray(inverse_scale, np.float64)[:, None] ** 2
     mean = means.mean(axis=1)
     total_m2 = m2.sum(axis=1) + row_length * ((means - mean[:, None]) ** 2).sum(axis=1)
     count = means.shape[1] * row_length

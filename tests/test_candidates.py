@@ -15,7 +15,8 @@ from engine import retrieval
 
 def _run_block(phi, rows, margin, layout):
     out = retrieval._candidate_block(jnp.asarray(phi), jnp.asarray(rows, dtype=jnp.int32),
-                                     jnp.asarray(margin, dtype=jnp.float32), **layout)
+                                     jnp.asarray(margin, dtype=jnp.float32), jnp.ones(phi.shape[0], jnp.float32),
+                                     **layout)
     return [np.asarray(x) for x in out]
 
 

@@ -21,25 +21,40 @@ def _check_against_reference(features, ks=KS, candidates_per_member=None, weight
     expected = reference.reference_search(
         [np.asarray(a) for a in features.left], [np.asarray(a) for a in features.right], result.masks, result.ks,
         {"raw": None, "standardized": None, **(weights or {})})
+    _assert_matches_reference(result, expected)
+    return result
+
+
+def _assert_matches_reference(result, expected):
+    """Check the engine's contract against reference ranks, mode by mode.
+
+    Off flagged near-ties, whether rank < K must be exact for every requested
+    K and for K = 1. When every K up to K_max is requested, that makes the
+    capped ranks exact too.
+    """
     k_max = result.ks[-1]
-    for mode in modes:
-        mode_result = result.modes[mode]
+    decision_ks = sorted(set(result.ks) | {1})
+    for mode, mode_result in result.modes.items():
         expected_recall, expected_ranks = expected[mode]
         capped = np.minimum(expected_ranks, k_max)
         flagged = np.zeros_like(capped, dtype=bool)
         pairs = mode_result.near_tie_pairs
         flagged[pairs[:, 0], pairs[:, 1]] = True
-        mismatched = (mode_result.ranks.astype(np.int64) != capped) & ~flagged
-        assert not mismatched.any(), (
-            f"mode {mode}: {mismatched.sum()} unflagged rank mismatches, first at "
-            f"{np.argwhere(mismatched)[0]}")
-        unflagged_recall = np.stack([((mode_result.ranks < k) & ~flagged).sum(1) for k in result.ks], 1)
+        ranks = mode_result.ranks.astype(np.int64)
+        for k in decision_ks:
+            mismatched = ((ranks < k) != (capped < k)) & ~flagged
+            assert not mismatched.any(), (
+                f"mode {mode}, K = {k}: {mismatched.sum()} unflagged decision mismatches, first at "
+                f"{np.argwhere(mismatched)[0]}")
+        if result.ks == tuple(range(1, k_max + 1)):
+            mismatched = (ranks != capped) & ~flagged
+            assert not mismatched.any(), f"mode {mode}: {mismatched.sum()} unflagged capped-rank mismatches"
+        unflagged_recall = np.stack([((ranks < k) & ~flagged).sum(1) for k in result.ks], 1)
         expected_unflagged = np.stack([((capped < k) & ~flagged).sum(1) for k in result.ks], 1)
         np.testing.assert_array_equal(unflagged_recall, expected_unflagged)
         assert mode_result.near_ties.sum() == pairs.shape[0]
         if pairs.shape[0] == 0:
             np.testing.assert_array_equal(mode_result.recall, expected_recall)
-    return result
 
 
 @pytest.mark.parametrize(
@@ -80,13 +95,39 @@ def test_search_custom_weights_match_reference():
     _check_against_reference(features, weights=weights, candidates_per_member=3)
 
 
-def test_search_weight_far_below_the_others_matches_reference():
-    # With one weight 10^6 times smaller than the rest, candidates outside the
-    # leading group of pass 1 (whose margin fits the built-in modes) can still
-    # count; the counting kernel must reach them.
+def test_tiny_custom_weight_matches_reference():
+    # Pass 1 puts first the candidates within a margin sized for the built-in
+    # modes. With one weight 10^6 times smaller than the rest, candidates
+    # outside that group can still count, and the kernel must reach them.
     features = synthetic.make_features(num_queries=90, num_gallery=110, num_members=3, dim=16, noise=1.0, seed=13)
     weights = {"skewed": np.array([1.0, 1e-6, 1.0])}
     _check_against_reference(features, weights=weights, candidates_per_member=4)
+
+
+@pytest.mark.parametrize("ks", [KS, tuple(range(1, 11))])
+def test_rounded_exact_tie_flagged_or_exact(ks):
+    # Fixed point rounds each member on its own, so an exact tie of the sums
+    # can come out one unit below the match. Query 0 under subset {0, 1}: the
+    # match scores (0, 2c), six items (2c, 2c) and one item (c, c), an exact
+    # tie that counts against it (true rank 7). c is chosen so that
+    # 2 rint(s c) - rint(2 s c) = -1 for the fixed-point scale s.
+    def matrices(c):
+        first, second = np.zeros((1, 10), np.float32), np.zeros((1, 10), np.float32)
+        second[0, 0] = 2 * c
+        first[0, 1:7] = second[0, 1:7] = 2 * c
+        first[0, 7] = second[0, 7] = c
+        return [first, second]
+
+    for c in np.linspace(0.5, 1.0, 2001, dtype=np.float32):
+        source = similarity.from_matrices(["a", "b"], matrices(c))
+        scale = retrieval.FixedPoint.for_mode(np.ones(2), source, weight_error=0.0).scale
+        if 0.3 < (scale * float(c)) % 1 < 0.45:
+            break
+    result = retrieval.search(source, ks=ks, modes=("raw",), progress=False)
+    ranks = reference.subset_ranks([m.astype(np.float64) for m in matrices(c)], result.masks)
+    recall = np.stack([(ranks < k).sum(axis=1) for k in result.ks], axis=1)
+    assert ranks[result.row_of(3), 0] == 7
+    _assert_matches_reference(result, {"raw": (recall, ranks)})
 
 
 def test_duplicated_gallery_items_tie_against_query():
@@ -230,3 +271,37 @@ def test_undecided_pairs_kernel_and_direct_paths_agree(monkeypatch):
     for mode in ("raw", "standardized"):
         np.testing.assert_array_equal(direct.modes[mode].ranks, kernel.modes[mode].ranks)
         np.testing.assert_array_equal(direct.modes[mode].near_tie_pairs, kernel.modes[mode].near_tie_pairs)
+
+
+def test_near_ties_at_k1_flagged_without_k1():
+    # The exclusive-retrieval and oracle analyses decide at K = 1, so its
+    # near-ties are flagged even when K = 1 is not requested. Scaled copies
+    # of the first 20 matches (same cosine up to float32 rounding) make them.
+    features = synthetic.make_features(num_queries=60, num_gallery=80, num_members=3, dim=8, noise=0.3, seed=14)
+    right = [np.array(a, copy=True) for a in features.right]
+    for a in right:
+        a[60:80] = a[:20] * np.float32(1.0000001)
+    features = store.features_from_arrays(features.names, [np.asarray(a) for a in features.left], right)
+    result = _check_against_reference(features, ks=(5, 10))
+    assert result.modes["raw"].near_ties.sum() > 0
+
+
+def test_large_similarity_values_standardize():
+    # Squared deviations of values near 1e20 overflow float32, so the moments
+    # are scaled by a power of two first. The standard deviation and the
+    # standardised search must match those of the same matrices divided by 1e20.
+    rng = np.random.default_rng(15)
+    small = [rng.standard_normal((30, 40)).astype(np.float32) for _ in range(3)]
+    large = [m * np.float32(1e20) for m in small]
+    small_result = retrieval.search(similarity.from_matrices(["a", "b", "c"], small), progress=False)
+    large_result = retrieval.search(similarity.from_matrices(["a", "b", "c"], large), progress=False)
+    np.testing.assert_allclose(large_result.std, 1e20 * small_result.std, rtol=1e-5)
+    np.testing.assert_array_equal(large_result.modes["standardized"].recall,
+                                  small_result.modes["standardized"].recall)
+
+
+def test_values_beyond_float32_sums_rejected():
+    matrix = np.zeros((3, 4))
+    matrix[1, 2] = 1e38
+    with pytest.raises(ValueError, match="too large for float32 sums.*Divide it by a positive constant"):
+        similarity.from_matrices(["big"], [matrix])
