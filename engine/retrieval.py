@@ -118,8 +118,8 @@ class ModeResult:
       weights: float64 [M] weights used.
       recall: int64 [S, len(ks)], queries recalled at each K.
       ranks: uint8 or uint16 [R, N], min(rank, K_max) per query for the
-        subsets `rank_masks` (exact as the module docstring's Near-ties
-        paragraph says). When the ranks of all S subsets fit the memory
+        subsets `rank_masks` (exact as described in the Near-ties
+        paragraph of the module docstring). When the ranks of all S subsets fit the memory
         budget, R = S and `rank_masks` equals SearchResult.masks, so row s
         of `ranks` is row s of `recall`. Otherwise R covers the single
         representations and the `rank_subsets` leading subsets of this mode
@@ -620,15 +620,15 @@ def collect_candidates(
     def store_rows(start: int, stop: int, out) -> None:
         rows = stop - start
         out = jax.device_get(out)
-        here = slice(start - first, stop - first)
-        # Candidates are packed first: copying only the used slots leaves the
-        # rest of `values` untouched (fresh memory costs far more than copying).
+        local_rows = slice(start - first, stop - first)
+        # Candidates are packed first, so copying only the used slots leaves the
+        # rest of `values` untouched and its memory pages never faulted in.
         used = int(out[1][:rows].sum(axis=1).max())
-        values[here, :used], valid[here] = out[0][:rows, :used], out[1][:rows]
-        filled.append((here, used))
-        diagonal[here], upper[here] = out[2][:rows], out[3][:rows]
-        overflow[here], leading[here] = out[4][:rows], out[5][:rows]
-        row_mean[here], row_m2[here] = out[6][:, :rows].T, out[7][:, :rows].T
+        values[local_rows, :used], valid[local_rows] = out[0][:rows, :used], out[1][:rows]
+        filled.append((local_rows, used))
+        diagonal[local_rows], upper[local_rows] = out[2][:rows], out[3][:rows]
+        overflow[local_rows], leading[local_rows] = out[4][:rows], out[5][:rows]
+        row_mean[local_rows], row_m2[local_rows] = out[6][:, :rows].T, out[7][:, :rows].T
         reporter.update(rows)
 
     step = tile * topology.num_shards
@@ -653,8 +653,8 @@ def collect_candidates(
     # Candidates are packed first: slots that no query uses are left out (a view, not a copy).
     used = int(valid.sum(axis=1).max()) if local else 0
     width = min(capacity, max(1, -(-used // 32) * 32))
-    for here, tile_used in filled:
-        values[here, tile_used:width] = 0.0
+    for local_rows, tile_used in filled:
+        values[local_rows, tile_used:width] = 0.0
     mean, std = similarity.combine_row_moments(topology.gather_rows(row_mean).T, topology.gather_rows(row_m2).T, g,
                                                inverse_scale)
     candidates = Candidates(values=values[:, :width], valid=valid[:, :width], diagonal=diagonal, upper=upper,
