@@ -493,8 +493,9 @@ def _candidate_block(phi: jax.Array, rows: jax.Array, margin: jax.Array, inverse
 
     Returns values [B, capacity, M], valid [B, capacity], diagonal [B, M],
     thresholds [B, M], overflow [B] (more candidates than capacity, so the
-    bound does not hold), leading [B], and row moments [M, B] (mean, squared
-    deviations times inverse_scale^2, see `similarity.row_moments`).
+    bound does not hold), leading [B], and row moments [M, B] (mean and
+    squared deviations of the values times `inverse_scale`, see
+    `similarity.row_moments`).
     """
     num_members, block, gallery = phi.shape
     row_index = jnp.arange(block)
@@ -657,6 +658,9 @@ def collect_candidates(
         values[local_rows, tile_used:width] = 0.0
     mean, std = similarity.combine_row_moments(topology.gather_rows(row_mean).T, topology.gather_rows(row_m2).T, g,
                                                inverse_scale)
+    # Rounding in the float32 mean leaves a tiny spread for a constant matrix, so members that the
+    # source records as constant get exactly 0.
+    std = np.where(source.constant_members, 0.0, std)
     candidates = Candidates(values=values[:, :width], valid=valid[:, :width], diagonal=diagonal, upper=upper,
                             leading=leading, mean=mean, std=std, first_row=first)
     if checkpoint is not None:
@@ -684,6 +688,8 @@ def leading_margin(source: similarity.SimilaritySource) -> np.ndarray:
 class FixedPoint:
     """Quantisation of one mode: q = round(scale · w_k · Φ_k) in int32.
 
+    `weights` w are the mode's weights divided by their maximum.
+
     `scale` is chosen so that any subset sum of differences fits in int32;
     `tolerance` [M] is, per member, the integer error bound of a difference
     (float32 error of Φ, error of the standardisation weight, rounding).
@@ -701,10 +707,18 @@ class FixedPoint:
     @classmethod
     def for_mode(cls, weights: np.ndarray, source: similarity.SimilaritySource, *, weight_error: float
                  ) -> "FixedPoint":
+        # Rankings do not change when every weight is multiplied by the same
+        # positive number, so the largest weight becomes 1 and the scale
+        # depends only on the relative weights and the value bounds.
+        weights = np.asarray(weights, np.float64)
+        weights = weights / weights.max() if weights.max() > 0 else weights
         total = float(np.sum(weights * source.value_bounds))
-        scale = INT32_MAX / (2.0 * total * (1.0 + 1e-6) + 4.0 * len(weights))
+        # A difference of two quantised values is within 1 of scale · w_k times the exact
+        # one, so any subset sum stays within 2 · scale · total + M, below INT32_MAX.
+        scale = (INT32_MAX - 4.0 * len(weights)) / (2.0 * total * (1.0 + 1e-6)) if total > 0 else 1.0
         error = source.error_bounds + weight_error * source.value_bounds
-        tolerance = np.ceil(2.0 * scale * weights * error).astype(np.int64) + 2
+        # A zero weight quantises every value to exactly 0, with no rounding to allow for.
+        tolerance = np.where(weights > 0, np.ceil(2.0 * scale * weights * error) + 2, 0).astype(np.int64)
         return cls(scale=scale, weights=weights, tolerance=tolerance)
 
     def quantize(self, values: np.ndarray) -> np.ndarray:
@@ -742,6 +756,15 @@ def _subset_sums(x: jax.Array, axis: int) -> jax.Array:
         member = jax.lax.slice_in_dim(x, k, k + 1, axis=axis)
         sums = jnp.concatenate([sums, sums + member], axis=axis)
     return sums
+
+
+def _ambiguity_limit(tol):
+    """Return the bound below which |total| is ambiguous: tol + 1, or 0 where tol is 0.
+
+    A subset of zero-weight members has tolerance 0: its totals are exactly 0
+    with no rounding, so a tie there is a tie, not a near-tie.
+    """
+    return tol + (tol > 0)
 
 
 def _decide(outranking, ambiguous, bound, tol, ks):
@@ -840,6 +863,7 @@ def count_block(differences: jax.Array, upper: jax.Array, tolerance: jax.Array, 
 
     tol = (_subset_sums(tolerance[:low_members], axis=0)[:, None]
            + high_part(_subset_sums(tolerance[low_members:], axis=0), 0)[None, :])        # [2^m1, H]
+    limit = _ambiguity_limit(tol)
     bound = (_subset_sums(upper[:, :low_members], axis=1)[:, :, None]
              + high_part(_subset_sums(upper[:, low_members:], axis=1), 1)[:, None, :])    # [B, 2^m1, H]
 
@@ -851,7 +875,7 @@ def count_block(differences: jax.Array, upper: jax.Array, tolerance: jax.Array, 
             low_sums, high_sums = subset_sums(c)
             total = low_sums[:, :, None] + high_sums[:, None, :]
             return (packed + jnp.where(total >= 0, 1, 0)
-                    + jnp.where(jnp.abs(total) <= tol, _PACKED_LIMIT, 0))
+                    + jnp.where(jnp.abs(total) < limit, _PACKED_LIMIT, 0))
 
         packed = _unrolled_loop(iterations, accumulate_packed, zeros)
         outranking, ambiguous = packed & (_PACKED_LIMIT - 1), packed >> 16
@@ -861,7 +885,7 @@ def count_block(differences: jax.Array, upper: jax.Array, tolerance: jax.Array, 
             low_sums, high_sums = subset_sums(c)
             total = low_sums[:, :, None] + high_sums[:, None, :]
             outranking = outranking + (total >= 0).astype(jnp.int32)
-            ambiguous = ambiguous + (jnp.abs(total) <= tol).astype(jnp.int32)
+            ambiguous = ambiguous + (jnp.abs(total) < limit).astype(jnp.int32)
             return outranking, ambiguous
 
         outranking, ambiguous = _unrolled_loop(iterations, accumulate, (zeros, zeros))
@@ -888,13 +912,14 @@ def count_masks(differences: jax.Array, upper: jax.Array, tolerance: jax.Array, 
     block = differences.shape[0]
     differences, iterations = _counting_order(differences, tolerance)
     tol = tolerance @ members                       # [S]
+    limit = _ambiguity_limit(tol)
     bound = upper @ members                         # [B, S]
 
     def accumulate(c, carry):
         outranking, ambiguous = carry
         total = differences[c] @ members            # [B, S], exact in int32
         outranking = outranking + (total >= 0).astype(jnp.int32)
-        ambiguous = ambiguous + (jnp.abs(total) <= tol).astype(jnp.int32)
+        ambiguous = ambiguous + (jnp.abs(total) < limit).astype(jnp.int32)
         return outranking, ambiguous
 
     zeros = jnp.zeros((block, members.shape[1]), jnp.int32)
@@ -917,7 +942,7 @@ def count_block_reference(differences: np.ndarray, upper: np.ndarray, tolerance:
         tol = int(np.sum(tolerance[members]))
         bound = upper[:, members].astype(np.int64).sum(axis=1)             # [B]
         outranking = (total >= 0).sum(axis=1)
-        ambiguous = (np.abs(total) <= tol).sum(axis=1)
+        ambiguous = (np.abs(total) < _ambiguity_limit(tol)).sum(axis=1)
         lowest, highest = outranking - ambiguous, outranking + ambiguous
         complete = bound < -tol
         rank[:, mask] = np.minimum(outranking, k_max)
@@ -1242,7 +1267,7 @@ def _count_pairs_directly(diff: np.ndarray, tolerance: np.ndarray, masks: np.nda
         total = diff[row][:, members].astype(np.int64).sum(axis=1)
         tol = int(tolerance[members].sum())
         outranking = int((total >= 0).sum())
-        ambiguous = int((np.abs(total) <= tol).sum())
+        ambiguous = int((np.abs(total) < _ambiguity_limit(tol)).sum())
         rank[row, column] = min(outranking, ks[-1])
         near[row, column] = any((outranking - ambiguous < k) != (outranking + ambiguous < k) for k in ks)
     return rank, near

@@ -51,6 +51,8 @@ class SimilaritySource:
       error_bounds: [M] bound on |Φ_float32 − Φ_exact| per entry, used to
         flag near-ties.
       value_bounds: [M] bound on |Φ| per entry (1 for cosine similarities).
+      constant_members: bool [M], members known to have one value in every
+        entry (their standard deviation is 0 exactly).
 
     From features, the normalised query rows stay in host memory (each tile
     sends its rows to the devices) and the gallery rows live on the devices.
@@ -61,9 +63,14 @@ class SimilaritySource:
     num_gallery: int
     error_bounds: np.ndarray
     value_bounds: np.ndarray
+    constant_members: np.ndarray | None = None
     _left: tuple[np.ndarray, ...] | None = None
     _right: tuple[jax.Array, ...] | None = None
     _matrices: tuple[np.ndarray, ...] | None = None
+
+    def __post_init__(self):
+        if self.constant_members is None:
+            self.constant_members = np.zeros(len(self.names), bool)
 
     @property
     def num_members(self) -> int:
@@ -222,7 +229,7 @@ def from_matrices(names: Sequence[str], matrices: Sequence[np.ndarray]) -> Simil
     if not names or len(names) != len(matrices):
         raise ValueError(f"need one matrix per name; got {len(names)} names and {len(matrices)} matrices.")
     shape = None
-    bounds = []
+    bounds, constant = [], []
     for name, matrix in zip(names, matrices):
         if matrix.ndim != 2:
             raise ValueError(f"similarity matrix {name!r}: expected [N, G], got shape {matrix.shape}.")
@@ -236,7 +243,8 @@ def from_matrices(names: Sequence[str], matrices: Sequence[np.ndarray]) -> Simil
                              "(column i is the true match of row i).")
         # max and min propagate NaN and inf, so the bound is finite exactly when every entry is
         # (and no [N, G] temporary is allocated, unlike np.abs).
-        bound = max(float(np.max(matrix)), -float(np.min(matrix)))
+        largest, smallest = float(np.max(matrix)), float(np.min(matrix))
+        bound = max(largest, -smallest)
         if not np.isfinite(bound):
             row, col = np.argwhere(~np.isfinite(matrix))[0]
             raise ValueError(f"similarity matrix {name!r} has a non-finite value at [{row}, {col}].")
@@ -246,7 +254,12 @@ def from_matrices(names: Sequence[str], matrices: Sequence[np.ndarray]) -> Simil
             raise ValueError(f"similarity matrix {name!r} has values up to {bound:.3g}, too large for float32 "
                              f"sums over {matrix.shape[1]} gallery items (limit {limit:.3g}). Divide it by a "
                              "positive constant: that keeps its ranking, and standardised results do not change.")
+        if 0 < bound < np.finfo(np.float32).tiny:
+            raise ValueError(f"similarity matrix {name!r} has no value above {bound:.3g} in magnitude, below "
+                             "float32's normal range, where XLA flushes values to zero. Multiply it by a positive "
+                             "constant: that keeps its ranking, and standardised results do not change.")
         bounds.append(bound)
+        constant.append(largest == smallest)
     value_bounds = np.maximum(np.array(bounds), np.finfo(np.float32).tiny)
     return SimilaritySource(
         names=names,
@@ -255,23 +268,31 @@ def from_matrices(names: Sequence[str], matrices: Sequence[np.ndarray]) -> Simil
         # Rounding the given values to float32 is the only error.
         error_bounds=value_bounds * F32_EPS * 2,
         value_bounds=value_bounds,
+        constant_members=np.array(constant),
         _matrices=tuple(np.asarray(m) for m in matrices),
     )
 
 
 @jax.jit
 def row_moments(block: jax.Array, inverse_scale: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Return per-row mean and scaled sum of squared deviations of a [M, B, G] block.
+    """Return per-row mean and sum of squared deviations of a [M, B, G] block, both scaled.
 
-    Centring each row on its own mean before squaring avoids the cancellation
-    of E[x^2] - E[x]^2 when the mean is large against the spread, as it is for
-    cosine similarities of non-negative features. Deviations are multiplied
-    by `inverse_scale` [M] (powers of two from `moment_scales`, exact) before
-    squaring, so large similarity values cannot overflow float32.
+    Each member's values are first multiplied by `inverse_scale` [M], powers
+    of two from `moment_scales` (so exactly), which brings them near 1. Their
+    squares then cannot overflow float32, and their deviations stay out of
+    the subnormal range, which XLA:CPU (jax 0.10) flushes to zero.
+    `combine_row_moments` undoes the scaling. Centring each row on its own mean before squaring
+    avoids the cancellation of E[x^2] - E[x]^2 when the mean is large against
+    the spread, as it is for cosine similarities of non-negative features.
     """
-    mean = block.mean(axis=2)
-    centred = (block - mean[:, :, None]) * inverse_scale[:, None, None]
+    scaled = block * inverse_scale[:, None, None]
+    mean = scaled.mean(axis=2)
+    centred = scaled - mean[:, :, None]
     return mean, (centred * centred).sum(axis=2)
+
+
+# Exponents of the moment scales stay within float32's normal range.
+_MAX_SCALE_EXPONENT = 126
 
 
 def moment_scales(value_bounds: np.ndarray) -> np.ndarray:
@@ -279,8 +300,9 @@ def moment_scales(value_bounds: np.ndarray) -> np.ndarray:
 
     Cosine similarities (bound 1) get 1, which leaves their moments unchanged.
     """
-    exponents = np.ceil(np.log2(np.maximum(np.asarray(value_bounds, np.float64), 2.0 ** -100)))
-    return np.exp2(-np.clip(exponents, -100, 100)).astype(np.float32)
+    bounds = np.maximum(np.asarray(value_bounds, np.float64), 2.0 ** -_MAX_SCALE_EXPONENT)
+    exponents = np.clip(np.ceil(np.log2(bounds)), -_MAX_SCALE_EXPONENT, _MAX_SCALE_EXPONENT)
+    return np.exp2(-exponents).astype(np.float32)
 
 
 def combine_row_moments(means: np.ndarray, squared_deviations: np.ndarray, row_length: int,
@@ -294,7 +316,8 @@ def combine_row_moments(means: np.ndarray, squared_deviations: np.ndarray, row_l
     means = np.asarray(means, dtype=np.float64)
     m2 = np.asarray(squared_deviations, dtype=np.float64)
     if inverse_scale is not None:
-        m2 = m2 / np.asarray(inverse_scale, np.float64)[:, None] ** 2
+        factor = np.asarray(inverse_scale, np.float64)[:, None]
+        means, m2 = means / factor, m2 / factor ** 2
     mean = means.mean(axis=1)
     total_m2 = m2.sum(axis=1) + row_length * ((means - mean[:, None]) ** 2).sum(axis=1)
     count = means.shape[1] * row_length

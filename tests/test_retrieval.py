@@ -180,9 +180,11 @@ def test_weights_scale_invariance():
     features = synthetic.make_features(num_queries=70, num_gallery=80, num_members=3, dim=12, seed=16)
     source = similarity.from_features(features)
     base = np.array([1.0, 0.3, 2.0])
-    result = retrieval.search(source, modes=("a", "b"), weights={"a": base, "b": 7.5 * base},
+    result = retrieval.search(source, modes=("a", "b", "c"), weights={"a": base, "b": 7.5 * base, "c": 1e-9 * base},
                               candidates_per_member=2, progress=False)
-    np.testing.assert_array_equal(result.modes["a"].ranks, result.modes["b"].ranks)
+    for mode in ("b", "c"):
+        np.testing.assert_array_equal(result.modes["a"].ranks, result.modes[mode].ranks)
+        np.testing.assert_array_equal(result.modes["a"].near_tie_pairs, result.modes[mode].near_tie_pairs)
 
 
 def test_standardization_moments_match_float64():
@@ -286,18 +288,45 @@ def test_near_ties_at_k1_flagged_without_k1():
     assert result.modes["raw"].near_ties.sum() > 0
 
 
-def test_large_similarity_values_standardize():
-    # Squared deviations of values near 1e20 overflow float32, so the moments
-    # are scaled by a power of two first. The standard deviation and the
-    # standardised search must match those of the same matrices divided by 1e20.
+@pytest.mark.parametrize("factor", [1e20, 2.0 ** -120, 1e-9])
+def test_scaled_matrices_search_alike(factor):
+    # Squared deviations of values near 1e20 overflow float32, and deviations
+    # of values near 2^-120 fall below its normal range, so the moments are
+    # scaled by a power of two first. A common factor changes no ranking, and
+    # the fixed-point scale follows the values, so every result must match
+    # that of the unscaled matrices.
     rng = np.random.default_rng(15)
-    small = [rng.standard_normal((30, 40)).astype(np.float32) for _ in range(3)]
-    large = [m * np.float32(1e20) for m in small]
+    small = [(1.0 + rng.standard_normal((30, 40)) / 64).astype(np.float32) for _ in range(3)]
+    scaled = [m * np.float32(factor) for m in small]
     small_result = retrieval.search(similarity.from_matrices(["a", "b", "c"], small), progress=False)
-    large_result = retrieval.search(similarity.from_matrices(["a", "b", "c"], large), progress=False)
-    np.testing.assert_allclose(large_result.std, 1e20 * small_result.std, rtol=1e-5)
-    np.testing.assert_array_equal(large_result.modes["standardized"].recall,
-                                  small_result.modes["standardized"].recall)
+    scaled_result = retrieval.search(similarity.from_matrices(["a", "b", "c"], scaled), progress=False)
+    np.testing.assert_allclose(scaled_result.std, factor * small_result.std, rtol=1e-5)
+    for mode in ("raw", "standardized"):
+        np.testing.assert_array_equal(scaled_result.modes[mode].recall, small_result.modes[mode].recall)
+        np.testing.assert_array_equal(scaled_result.modes[mode].near_ties, small_result.modes[mode].near_ties)
+
+
+def test_constant_matrix_gets_zero_weight():
+    # float32 rounding of the mean leaves a spread of about 1e-8 for a
+    # constant matrix, which would become a weight of about 1e8.
+    rng = np.random.default_rng(16)
+    varying = rng.standard_normal((4, 80)).astype(np.float32)
+    constant = np.full((4, 80), 0.1, np.float32)
+    result = retrieval.search(similarity.from_matrices(["varying", "constant"], [varying, constant]),
+                              progress=False)
+    assert result.std[1] == 0.0
+    np.testing.assert_array_equal(result.modes["standardized"].weights, [1.0 / result.std[0], 0.0])
+    # A subset of zero-weight members scores every item alike: every item ties with the match.
+    constant_only = result.modes["standardized"].ranks_of(0b10)
+    np.testing.assert_array_equal(constant_only, np.full(4, result.ks[-1]))
+    assert result.modes["standardized"].near_ties[result.row_of(0b10)] == 0
+
+
+def test_values_below_float32_normal_range_rejected():
+    matrix = np.zeros((3, 4))
+    matrix[1, 2] = 1e-40
+    with pytest.raises(ValueError, match="below float32's normal range.*Multiply it by a positive constant"):
+        similarity.from_matrices(["tiny"], [matrix])
 
 
 def test_values_beyond_float32_sums_rejected():
