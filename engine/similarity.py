@@ -285,9 +285,10 @@ def row_moments(block: jax.Array, inverse_scale: jax.Array) -> tuple[jax.Array, 
     avoids the cancellation of E[x^2] - E[x]^2 when the mean is large against
     the spread, as it is for cosine similarities of non-negative features.
     """
-    scaled = block * inverse_scale[:, None, None]
-    mean = scaled.mean(axis=2)
-    centred = scaled - mean[:, :, None]
+    # Scaling by a power of two commutes with the mean, and scaling inside the second
+    # reduction keeps XLA from writing a scaled copy of the whole block.
+    mean = block.mean(axis=2) * inverse_scale[:, None]
+    centred = block * inverse_scale[:, None, None] - mean[:, :, None]
     return mean, (centred * centred).sum(axis=2)
 
 
