@@ -240,8 +240,8 @@ def report_markdown(result: retrieval.SearchResult, analyses: Mapping[str, Any],
                       f"of size {part['size']}", ""]
         parts.append(_markdown_table(part["representations"], [counts]))
         parts += _cross_validation_markdown(mode_out, ks, num_folds)
-        parts += ["", f"Near-tie decisions (within float32 rounding of the true match's score): "
-                      f"{mode_out['near_ties']}."]
+        parts += ["", f"Near-tie decisions (within float32 rounding of the true match's score, at a "
+                      f"requested K or at K = 1): {mode_out['near_ties']}."]
 
     if "exclusive" in analyses:
         parts += ["", "## Exclusive retrievals and oracle", ""]
