@@ -22,7 +22,6 @@ writes them as JSON:
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource

@@ -10,7 +10,6 @@ descriptor) and embedding (the forward pass), both single-process.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics

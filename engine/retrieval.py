@@ -1341,7 +1341,7 @@ def _resolve_undecided(context: _Context, fixed: FixedPoint, counter: _Counter, 
 def _evaluate_mode(context: _Context, mode: str, weights: np.ndarray, masks: np.ndarray, *, stage: str,
                    all_ranks: bool, rank_subsets: int) -> ModeResult:
     start_time = time.perf_counter()
-    source, topology, ks = context.source, context.topology, context.ks
+    source, topology = context.source, context.topology
     n, m = source.num_queries, source.num_members
     weight_error = STD_RELATIVE_ERROR if mode == STANDARDIZED else 0.0
     fixed = FixedPoint.for_mode(weights, source, weight_error=weight_error)
