@@ -212,7 +212,7 @@ def validate_ks(ks: Sequence[int], num_gallery: int) -> tuple[int, ...]:
 
 
 def flag_ks(ks: Sequence[int]) -> tuple[int, ...]:
-    """Return the K values whose decisions near-ties are flagged for: the requested ones and K = 1."""
+    """Return the K values at which near-ties are flagged: the requested ones and K = 1."""
     return tuple(sorted(set(ks) | {1}))
 
 
@@ -640,10 +640,11 @@ def collect_candidates(
         # Padding repeats the last row; every device used gets a full tile.
         devices = topology.leading(-(-(stop - start) // tile))
         indices = np.minimum(np.arange(start, start + tile * devices.num_shards), stop - 1).astype(np.int32)
-        # Two staging buffers alternate: the kernel that read this one has finished (stored below).
+        # Two staging buffers alternate, and the kernel that last read this one has finished
+        # because its tile was stored below.
         phi = source.tile_rows(indices, devices, buffer=number % 2)
         out = kernel_on(devices)(phi, devices.shard(indices, axis), devices.shard(margin), devices.shard(inverse_scale))
-        # Dispatch is asynchronous: the previous tile is stored while this one runs.
+        # Dispatch is asynchronous, so the previous tile is stored while this one runs.
         if previous is not None:
             store_rows(*previous)
         previous = (start, stop, out)
@@ -651,7 +652,7 @@ def collect_candidates(
         store_rows(*previous)
     # A query with more candidates than capacity has no valid bound.
     upper[overflow] = np.inf
-    # Candidates are packed first: slots that no query uses are left out (a view, not a copy).
+    # Candidates are packed first, so the slots that no query uses are left out (a view, not a copy).
     used = int(valid.sum(axis=1).max()) if local else 0
     width = min(capacity, max(1, -(-used // 32) * 32))
     for local_rows, tile_used in filled:
@@ -761,7 +762,7 @@ def _subset_sums(x: jax.Array, axis: int) -> jax.Array:
 def _ambiguity_limit(tol):
     """Return the bound below which |total| is ambiguous: tol + 1, or 0 where tol is 0.
 
-    A subset of zero-weight members has tolerance 0: its totals are exactly 0
+    A subset of zero-weight members has tolerance 0. Its totals are exactly 0
     with no rounding, so a tie there is a tie, not a near-tie.
     """
     return tol + (tol > 0)
@@ -806,7 +807,7 @@ def _counting_order(differences: jax.Array, tolerance: jax.Array) -> tuple[jax.A
 
 
 def _unrolled_loop(iterations: jax.Array, body, init):
-    """fori_loop over `iterations` steps of _UNROLL candidates each; body(candidate, carry)."""
+    """Run body(candidate, carry) in a fori_loop of `iterations` steps, _UNROLL candidates per step."""
     def step(i, carry):
         for u in range(_UNROLL):
             carry = body(i * _UNROLL + u, carry)
@@ -816,7 +817,7 @@ def _unrolled_loop(iterations: jax.Array, body, init):
 
 
 def _membership(num_members: int) -> np.ndarray:
-    """int32 [m, 2^m]: entry (k, mask) is 1 when bit k of mask is set."""
+    """Return the int32 [m, 2^m] table whose entry (k, mask) is 1 when bit k of mask is set."""
     return ((np.arange(1 << num_members)[None, :] >> np.arange(num_members)[:, None]) & 1).astype(np.int32)
 
 
@@ -854,9 +855,9 @@ def count_block(differences: jax.Array, upper: jax.Array, tolerance: jax.Array, 
     high_members_of = high_part(jnp.asarray(_membership(high)), 1)
 
     def subset_sums(c):
-        # Half-subset sums of candidate c, [B, 2^m1] and [B, H], as multiply-and-sum:
-        # built per candidate, their cost follows the candidates that can count
-        # (precomputed tables for all C cost more than the loop at typical C).
+        # Half-subset sums of candidate c, [B, 2^m1] and [B, H], by multiply-and-sum. Built per
+        # candidate, they cost in proportion to the candidates that can count, whereas tables
+        # for all C slots cost more than the loop itself at typical C.
         d = differences[c]
         return (jnp.sum(d[:, :low_members, None] * low_members_of[None], axis=1),
                 jnp.sum(d[:, low_members:, None] * high_members_of[None], axis=1))
@@ -955,7 +956,7 @@ def count_block_reference(differences: np.ndarray, upper: np.ndarray, tolerance:
 
 
 def _count_and_reduce(differences, upper, row_valid, tolerance, argument, *, count, ks, rank_dtype):
-    """Per-device step of a sweep: `count` the block, then sum the decided outcomes over its rows.
+    """Count a block on one device with `count`, then sum the decided outcomes over its rows.
 
     Returns recall [1, S', K] and near-tie counts [1, S'] over the decided
     (query, subset) pairs of the valid rows, and rank, near_tie, undecided [B, S'].
@@ -1026,7 +1027,7 @@ class _Counter:
 
     def __init__(self, masks: np.ndarray, num_members: int, ks: tuple[int, ...], topology: distributed.Topology):
         self.masks, self.ks, self.topology = masks, ks, topology
-        # Near-ties are flagged for K = 1 too: the exclusive-retrieval and oracle analyses use it.
+        # Near-ties are flagged for K = 1 too, because the exclusive-retrieval and oracle analyses use it.
         self.flag_ks = flag_ks(ks)
         self.rank_dtype = np.uint8 if ks[-1] < 256 else np.uint16
         low = num_members // 2
@@ -1227,7 +1228,7 @@ def _save_counts(checkpoint: resume.RunCheckpoint, stage: str, counts: _Counts) 
 
 
 def _quantized_candidates(fixed: FixedPoint, candidates: Candidates, rows: np.ndarray):
-    """Differences int32 [b, C, M] and bounds [b, M] of the local query rows `rows` [b]."""
+    """Return int32 differences [b, C, M] and bounds [b, M] of the local query rows `rows` [b]."""
     num_members = candidates.diagonal.shape[1]
     diagonal = candidates.diagonal[rows]
     diff = fixed.differences(candidates.values[rows], diagonal)

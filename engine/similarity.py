@@ -36,7 +36,7 @@ def _similarity_block(left_block: jax.Array, right: jax.Array) -> jax.Array:
 
 
 def _similarity_stack(lefts: tuple[jax.Array, ...], rights: tuple[jax.Array, ...]) -> jax.Array:
-    """[M, B, G] similarities of M representations in one program (no separate stacking copy)."""
+    """Compute the [M, B, G] similarities of M representations in one program (no separate stacking copy)."""
     return jnp.stack([_similarity_block(left, right) for left, right in zip(lefts, rights)])
 
 

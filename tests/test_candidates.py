@@ -59,7 +59,7 @@ def test_candidate_block_matches_bruteforce(num_members, block, gallery, per_mem
     np.testing.assert_allclose(m2, ((phi - phi.mean(axis=2, keepdims=True)) ** 2).sum(axis=2), rtol=1e-5, atol=1e-6)
 
 
-def test_sample_threshold_keeps_at_least_rank_entries():
+def test_sample_threshold_keeps_rank_entries():
     rng = np.random.default_rng(5)
     sample = (rng.integers(-20, 21, size=(3, 6, 40)) / 8.0).astype(np.float32)
     sample[0, 0] = 1.5                                   # constant row
@@ -83,7 +83,7 @@ def test_row_cumsum_matches_numpy(length):
     np.testing.assert_array_equal(np.asarray(retrieval._row_cumsum(jnp.asarray(x))), np.cumsum(x, axis=1))
 
 
-def test_fixed_point_differences_equal_quantized_subtraction():
+def test_differences_match_quantize():
     rng = np.random.default_rng(6)
     values = rng.uniform(-1, 1, size=(5, 7, 3)).astype(np.float32)
     values[0, 0] = [1.0, -1.0, 0.0]                       # the extremes of a cosine
@@ -100,8 +100,8 @@ def test_fixed_point_differences_equal_quantized_subtraction():
 
 @pytest.mark.parametrize("last", [0, 1, 5, 16, 17])
 def test_count_block_early_stop(last):
-    # Candidates far below the match in every member cannot count; the
-    # kernel may stop before them but must reach every other one, wherever it is.
+    # Candidates far below the match in every member cannot count. The kernel
+    # may stop before them but must reach every other one, wherever it is.
     rng = np.random.default_rng(30 + last)
     num_members, block, num_candidates = 4, 3, 17
     differences = np.full((block, num_candidates, num_members), -1000, np.int32)
@@ -117,9 +117,9 @@ def test_count_block_early_stop(last):
         np.testing.assert_array_equal(np.asarray(got_part)[:, 1:], expected_part[:, 1:], err_msg=name)
 
 
-def test_candidate_block_counts_past_2_15_ties():
-    # 39,998 items tie at the threshold (0) below the match: the running count
-    # of non-leading candidates passes 2^15 and must stay positive.
+def test_candidate_block_past_2_15_ties():
+    # 39,998 items tie at the threshold (0) below the match, so the running
+    # count of non-leading candidates passes 2^15. It must stay positive.
     gallery = 40000
     phi = np.zeros((2, 1, gallery), np.float32)
     phi[:, 0, 0] = 1.0

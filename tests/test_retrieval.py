@@ -275,7 +275,7 @@ def test_undecided_pairs_kernel_and_direct_paths_agree(monkeypatch):
         np.testing.assert_array_equal(direct.modes[mode].near_tie_pairs, kernel.modes[mode].near_tie_pairs)
 
 
-def test_near_ties_at_k1_flagged_without_k1():
+def test_k1_near_ties_flagged_unrequested():
     # The exclusive-retrieval and oracle analyses decide at K = 1, so its
     # near-ties are flagged even when K = 1 is not requested. Scaled copies
     # of the first 20 matches (same cosine up to float32 rounding) make them.
@@ -322,14 +322,14 @@ def test_constant_matrix_gets_zero_weight():
     assert result.modes["standardized"].near_ties[result.row_of(0b10)] == 0
 
 
-def test_values_below_float32_normal_range_rejected():
+def test_subnormal_matrix_rejected():
     matrix = np.zeros((3, 4))
     matrix[1, 2] = 1e-40
     with pytest.raises(ValueError, match="below float32's normal range.*Multiply it by a positive constant"):
         similarity.from_matrices(["tiny"], [matrix])
 
 
-def test_values_beyond_float32_sums_rejected():
+def test_oversized_matrix_rejected():
     matrix = np.zeros((3, 4))
     matrix[1, 2] = 1e38
     with pytest.raises(ValueError, match="too large for float32 sums.*Divide it by a positive constant"):
